@@ -1,0 +1,31 @@
+"""The kernel module: pure tensor functions that turn saved activations into attributions.
+
+Every function here takes tensors and returns tensors, imports only ``torch``, ``einops``,
+``math`` and ``typing``, and never touches nnsight or transformers, so the same code runs on
+tensors a user saved and inside a trace on a remote NDIF server (where nnattr is not
+installed: recipes ship this package by value with ``nnsight.register``).
+"""
+
+from .attention import (
+    attention_concentration,
+    attention_entropy,
+    attention_flow,
+    flow_step,
+    norm_based,
+    rollout,
+    rollout_entropy,
+    rollout_max,
+    rollout_step,
+    value_weighted,
+)
+from .dla import (
+    bias_term,
+    direct_logit,
+    head_direct_logit,
+    head_position_direct_logit,
+    logit_direction,
+    norm_scale,
+    residual_direction,
+)
+from .heads import expand_kv, first, o_proj_per_head, split_heads, split_values
+from .lens import inverse_softcap, lens_summary, softcap, topk_flat
