@@ -59,6 +59,11 @@ class ArchSpec:
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
     head_exact: bool = True  # False where head contributions pass a nonlinearity first
 
+    @property
+    def embeddings(self) -> tuple[str, ...]:
+        """Aliases of the modules whose outputs start the residual stream."""
+        return ("embed", "pos_embed") if self.pos_embed else ("embed",)
+
     def rename(self) -> dict[str, str | list[str]]:
         """The ``rename=`` dict for ``nnsight.TransformersModel``."""
         aliases: dict[str, str | list[str]] = {

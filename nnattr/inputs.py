@@ -87,18 +87,61 @@ def tokens_of(tokenizer, prompt: str) -> list[str]:
 
 
 def chunks(items: list, batch_size: int | None, *, desc: str) -> Iterator[tuple[int, list]]:
-    """``(start, chunk)`` pairs of at most ``batch_size`` items, with a progress bar on a
-    terminal when there is more than one chunk."""
+    """``(start, chunk)`` pairs of at most ``batch_size`` items (all at once for None)."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     size = batch_size or len(items)
-    starts = range(0, len(items), size)
-    if len(starts) > 1:
+    for start in range(0, len(items), size):
+        yield start, items[start : start + size]
+
+
+def map_chunks(fn, items: list, *, batch_size: int | None, desc: str, model=None, remote: bool = False):
+    """Run ``fn(start, chunk)`` over chunks of ``items``; yield ``(start, chunk, result)``.
+
+    ``batch_size=None`` means: everything at once on CPU or remote; on a local GPU, as many
+    prompts as an estimate of the activations fits in half the free memory. On a CUDA
+    out-of-memory error the chunk is halved and retried, down to one prompt. A progress bar
+    shows on a terminal when there is more than one chunk.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    size = batch_size or (len(items) if remote else _fits_on_gpu(model, len(items)))
+    bar = None
+    if size < len(items):
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=desc, unit="batch", disable=not sys.stderr.isatty(), leave=False)
-    for start in starts:
-        yield start, items[start : start + size]
+        bar = tqdm(total=len(items), desc=desc, unit="prompt", disable=not sys.stderr.isatty(), leave=False)
+    start = 0
+    while start < len(items):
+        chunk = items[start : start + size]
+        try:
+            out = fn(start, chunk)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise MemoryError(f"{desc}: one prompt does not fit in GPU memory; use a shorter prompt or "
+                                  f"a larger GPU (or remote=True)") from None
+            size = max(1, size // 2)
+            torch.cuda.empty_cache()
+            continue
+        yield start, chunk, out
+        start += len(chunk)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+
+
+def _fits_on_gpu(model, n: int, *, tokens: int = 512) -> int:
+    """How many prompts of ``tokens`` tokens fit in half the free GPU memory (all of them on CPU)."""
+    device = getattr(model, "device", None) if model is not None else None
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return n
+    free, _ = torch.cuda.mem_get_info(device)
+    config = model.config
+    # Per prompt: a residual-sized tensor per sub-layer kept for the trace, plus the attention
+    # probabilities of one layer, in float32.
+    per_prompt = 4 * tokens * (4 * config.num_hidden_layers * config.hidden_size + config.num_attention_heads * tokens)
+    return max(1, min(n, int(0.5 * free // per_prompt)))
 
 
 def right_align(rows: list[torch.Tensor], length: int, *, dim: int = -1) -> torch.Tensor:

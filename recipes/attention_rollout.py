@@ -25,7 +25,7 @@ import torch
 
 from nnattr import kernels as K
 from nnattr.arch import dims, spec_for
-from nnattr.inputs import Prompts, as_prompts, check_unknown, chunks, tokens_of
+from nnattr.inputs import Prompts, as_prompts, check_unknown, map_chunks, tokens_of
 from nnattr.loading import require_probabilities
 from nnattr.result import Attribution
 
@@ -56,15 +56,19 @@ def run(
     shape = (len(prompts), d.n_heads, length, length) if view == "flow" else (len(prompts), length, length)
     values = torch.full(shape, float("nan"))
 
-    for start, chunk in chunks(prompts, batch_size, desc=f"attention {view}"):
+    def step(start, chunk):
         lengths = [len(t) for t in tokens[start : start + len(chunk)]]
         width = max(lengths)
         key_mask = torch.arange(width)[None, :] >= torch.tensor([width - n for n in lengths])[:, None]
-        maps = _trace(
+        return _trace(
             model, chunk, key_mask, view=view, residual=residual, head_fusion=head_fusion, norm=norm,
             layout=spec.value_layout, n_heads=d.n_heads, n_kv=d.n_kv_heads, d_head=d.d_head,
             remote=remote, backend=backend,
         )
+
+    for start, chunk, maps in map_chunks(step, prompts, batch_size=batch_size, desc=f"attention {view}",
+                                         model=model, remote=remote):
+        lengths = [len(t) for t in tokens[start : start + len(chunk)]]
         for b, n in enumerate(lengths):
             values[start + b, ..., -n:, -n:] = maps[b, ..., -n:, -n:]
 

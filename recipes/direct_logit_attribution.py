@@ -24,7 +24,7 @@ import torch
 
 from nnattr import kernels as K
 from nnattr.arch import dims, require_exact_heads, spec_for
-from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, chunks, right_align, token_ids, tokens_of
+from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, map_chunks, right_align, token_ids, tokens_of
 from nnattr.loading import require_probabilities
 from nnattr.result import Attribution
 
@@ -58,14 +58,17 @@ def run(
     tokens = [tokens_of(model.tokenizer, p) for p in prompts]
     length = max(len(t) for t in tokens)
 
-    scores, answers, logits = [], [], []
-    for start, chunk in chunks(prompts, batch_size, desc="DLA"):
+    def step(start, chunk):
         stop = start + len(chunk)
-        out = _trace(
+        return _trace(
             model, chunk, by=by, spec=spec, d=d, remote=remote, backend=backend,
             target=None if targets is None else torch.tensor(targets[start:stop]),
             distractor=None if distractors is None else torch.tensor(distractors[start:stop]),
         )
+
+    scores, answers, logits = [], [], []
+    for start, chunk, out in map_chunks(step, prompts, batch_size=batch_size, desc="DLA", model=model, remote=remote):
+        stop = start + len(chunk)
         scores += list(out["scores"]) if by != "head_position" else [
             s[..., -len(t):] for s, t in zip(out["scores"], tokens[start:stop])
         ]
@@ -73,7 +76,7 @@ def run(
         logits += out["logit"].tolist()
 
     n = d.n_layers
-    embeds = ["embed", "pos_embed"] if spec.pos_embed else ["embed"]
+    embeds = list(spec.embeddings)
     if by == "component":
         labels = embeds + [f"{i}_{part}" for i in range(n) for part in ("attn_out", "mlp_out")] + ["bias"]
         values, extra = torch.stack(scores), {"component": labels}
@@ -101,7 +104,7 @@ def run(
 
 def _trace(model, prompts, *, by, spec, d, target, distractor, remote, backend):
     # Plain values only inside the trace: it may run on a server where nnattr is not installed.
-    embed_names = ("embed", "pos_embed") if spec.pos_embed else ("embed",)
+    embed_names = spec.embeddings
     norm, offset, eps, cap = spec.norm, spec.norm_weight_offset, d.eps, d.logit_softcap
     n_heads, n_kv, d_head, conv1d, layout = d.n_heads, d.n_kv_heads, d.d_head, spec.o_proj_conv1d, spec.value_layout
     heads, positions = by in ("head", "head_position"), by == "head_position"

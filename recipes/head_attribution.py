@@ -23,7 +23,7 @@ import torch
 
 from nnattr import kernels as K
 from nnattr.arch import dims
-from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, chunks, right_align, token_ids, tokens_of
+from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, map_chunks, right_align, token_ids, tokens_of
 from nnattr.result import Attribution
 
 
@@ -49,14 +49,18 @@ def run(
     tokens = [tokens_of(model.tokenizer, p) for p in prompts]
     length = max(map(len, tokens))
 
-    scores, answers, metrics = [], [], []
-    for start, chunk in chunks(prompts, batch_size, desc="head attribution"):
+    def step(start, chunk):
         stop = start + len(chunk)
-        out = _trace(
+        return _trace(
             model, chunk, n_heads=d.n_heads, remote=remote, backend=backend,
             target=None if targets is None else torch.tensor(targets[start:stop]),
             distractor=None if distractors is None else torch.tensor(distractors[start:stop]),
         )
+
+    scores, answers, metrics = [], [], []
+    for start, chunk, out in map_chunks(step, prompts, batch_size=batch_size, desc="head attribution",
+                                        model=model, remote=remote):
+        stop = start + len(chunk)
         for s, t in zip(out["scores"], tokens[start:stop]):  # s: [layer, head, pos]
             scores.append(s.sum(-1) if by == "head" else s[..., -len(t):])
         answers += out["target"].tolist()

@@ -24,7 +24,7 @@ import torch
 
 from nnattr import kernels as K
 from nnattr.arch import dims
-from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, chunks, right_align, token_ids, tokens_of
+from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, map_chunks, right_align, token_ids, tokens_of
 from nnattr.result import Attribution
 
 
@@ -51,16 +51,20 @@ def run(
     tokens = [tokens_of(model.tokenizer, p) for p in prompts]
     decode = model.tokenizer.convert_ids_to_tokens
 
-    probs, ranks, top_ids, top_probs = [], [], [], []
-    for start, chunk in chunks(prompts, batch_size, desc="logit lens"):
+    def step(start, chunk):
         rows = ids[start : start + len(chunk)]
         width = max(map(len, rows))
         # The expected token at each position of the left-padded chunk: the next prompt token;
         # the last position's is filled in inside the trace. [batch, pos]
         expected = torch.tensor([[0] * (width - len(r)) + r[1:] + [0] for r in rows])
         last_target = None if targets is None else torch.tensor(targets[start : start + len(chunk)])
-        out = _trace(model, chunk, expected, last_target, positions=positions, k=k,
-                     cap=d.logit_softcap, remote=remote, backend=backend)
+        return _trace(model, chunk, expected, last_target, positions=positions, k=k,
+                      cap=d.logit_softcap, remote=remote, backend=backend)
+
+    probs, ranks, top_ids, top_probs = [], [], [], []
+    for start, chunk, out in map_chunks(step, prompts, batch_size=batch_size, desc="logit lens",
+                                        model=model, remote=remote):
+        rows = ids[start : start + len(chunk)]
         for b, r in enumerate(rows):
             keep = len(r) if positions == "all" else 1
             probs.append(out["prob"][:, b, -keep:])  # [layer, pos]
