@@ -30,6 +30,8 @@ from typing import Literal
 import torch
 from einops import einsum
 
+from ._precision import no_autocast
+
 
 def logit_direction(
     unembed: torch.Tensor,
@@ -107,7 +109,8 @@ def bias_term(
     """The constant component ``b . d + b_U . t``: ``[batch]``."""
     out = bias.float()
     if norm_bias is not None:
-        out = out + direction.float() @ norm_bias.float()
+        with no_autocast(direction):
+            out = out + direction.float() @ norm_bias.float()
     return out
 
 
@@ -122,7 +125,8 @@ def direct_logit(contributions: torch.Tensor, u: torch.Tensor, scale: torch.Tens
             f"contributions {tuple(contributions.shape)}, u {tuple(u.shape)} and scale "
             f"{tuple(scale.shape)} do not line up as [component, batch, d_model], [batch, d_model], [batch]"
         )
-    return einsum(contributions.float(), u, "c b d, b d -> c b") / scale
+    with no_autocast(u):
+        return einsum(contributions.float(), u.float(), "c b d, b d -> c b") / scale.float()
 
 
 def head_direct_logit(
@@ -136,8 +140,9 @@ def head_direct_logit(
     """
     if z.shape[1:] != W_O.shape[:2]:
         raise ValueError(f"z {tuple(z.shape)} does not match W_O {tuple(W_O.shape)} as [batch, head, d_head]")
-    head_u = einsum(W_O.float(), u, "h dh d, b d -> b h dh")  # [batch, head, d_head]
-    return einsum(z.float(), head_u, "b h dh, b h dh -> b h") / scale[:, None]
+    with no_autocast(u):
+        head_u = einsum(W_O.float(), u.float(), "h dh d, b d -> b h dh")  # [batch, head, d_head]
+        return einsum(z.float(), head_u, "b h dh, b h dh -> b h") / scale.float()[:, None]
 
 
 def head_position_direct_logit(
@@ -159,6 +164,7 @@ def head_position_direct_logit(
             f"pattern {tuple(pattern.shape)} [batch, head, key] does not match values "
             f"{tuple(values.shape)} [batch, key, head, d_head]"
         )
-    head_u = einsum(W_O.float(), u, "h dh d, b d -> b h dh")  # [batch, head, d_head]
-    value_logit = einsum(values.float(), head_u, "b k h dh, b h dh -> b h k")
-    return pattern.float() * value_logit / scale[:, None, None]
+    with no_autocast(u):
+        head_u = einsum(W_O.float(), u.float(), "h dh d, b d -> b h dh")  # [batch, head, d_head]
+        value_logit = einsum(values.float(), head_u, "b k h dh, b h dh -> b h k")
+        return pattern.float() * value_logit / scale.float()[:, None, None]

@@ -1,0 +1,133 @@
+"""Attribution patching and activation patching on clean/corrupted pairs (Nanda 2023).
+
+A batch holds ``n`` pairs as rows ``[clean_1 .. clean_n, corrupted_1 .. corrupted_n]``,
+optionally followed by ``steps * n`` rows on the path between them (integrated gradients,
+``[step_1 pairs .., step_2 pairs .., ...]``). The first-order estimate of patching node ``a``
+from the clean run into the corrupted run is
+
+    score(a) = grad_a m(corrupted) . (a_clean - a_corrupted)                (AtP)
+
+and with ``steps`` interpolation steps the gradient is the mean over the path instead
+(EAP-IG, Hanna et al. 2024). Positions are right-aligned (left padding); a pair whose prompts
+differ in length is compared on the positions both have (``overlap_mask``).
+
+Exact patching puts the clean activation into the corrupted row (``patched_rows``) and reports
+``(patched - corrupted) / (clean - corrupted)`` (``normalised_recovery``).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+
+def logit_diff(logits: torch.Tensor, answer: torch.Tensor, distractor: torch.Tensor | None = None) -> torch.Tensor:
+    """The last position's logit of ``answer`` minus that of ``distractor`` (if given).
+
+    logits: ``[batch, pos, vocab]``; answer, distractor: ``[batch]`` token ids. Returns ``[batch]``
+    in float32. Left padding puts every row's last real token at position ``-1``.
+    """
+    if logits.ndim != 3 or answer.shape != logits.shape[:1]:
+        raise ValueError(f"logits {tuple(logits.shape)} and answer {tuple(answer.shape)} are not [batch, pos, vocab], [batch]")
+    last = logits[:, -1].float()  # [batch, vocab]
+    value = last.gather(-1, answer.to(last.device)[:, None])[:, 0]
+    if distractor is not None:
+        value = value - last.gather(-1, distractor.to(last.device)[:, None])[:, 0]
+    return value
+
+
+def overlap_mask(clean_lengths: torch.Tensor, corrupted_lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """``[pair, pos]`` bool: the last ``min(clean, corrupted)`` positions of a batch padded on the
+    left to ``length``, i.e. the positions where both prompts have a token, aligned at the end."""
+    if clean_lengths.shape != corrupted_lengths.shape or clean_lengths.ndim != 1:
+        raise ValueError(f"lengths {tuple(clean_lengths.shape)} and {tuple(corrupted_lengths.shape)} must be equal 1-D")
+    both = torch.minimum(clean_lengths, corrupted_lengths)
+    if int(torch.maximum(clean_lengths, corrupted_lengths).max()) > length:
+        raise ValueError(f"a prompt is longer than the padded length {length}")
+    return torch.arange(length, device=both.device)[None, :] >= (length - both)[:, None]
+
+
+def pair_delta(act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``clean - corrupted`` of every pair, zero off the overlap.
+
+    act: ``[rows, pos, width]`` with rows ``[clean (n), corrupted (n), ...]``; mask: ``[n, pos]``.
+    Returns ``[n, pos, width]``.
+    """
+    n = mask.shape[0]
+    if act.ndim != 3 or act.shape[0] < 2 * n or act.shape[1] != mask.shape[1]:
+        raise ValueError(f"activation {tuple(act.shape)} does not hold 2 x {n} rows of {mask.shape[1]} positions")
+    return (act[:n] - act[n : 2 * n]) * mask[..., None].to(act.dtype)
+
+
+def path_gradient(grad: torch.Tensor, *, n_pairs: int, steps: int = 0) -> torch.Tensor:
+    """The gradient the estimate uses: the corrupted rows' (``steps=0``, AtP), or the mean over
+    the ``steps`` interpolated rows (integrated gradients). grad: ``[rows, pos, width]`` with
+    ``rows = (2 + steps) * n_pairs``. Returns ``[n_pairs, pos, width]``."""
+    if grad.shape[0] != (2 + steps) * n_pairs:
+        raise ValueError(f"gradient {tuple(grad.shape)} does not hold (2 + {steps}) x {n_pairs} rows")
+    if steps == 0:
+        return grad[n_pairs : 2 * n_pairs]
+    path = rearrange(grad[2 * n_pairs :], "(step n) pos width -> step n pos width", step=steps)
+    return path.mean(0)
+
+
+def attribution_scores(grad: torch.Tensor, delta: torch.Tensor, *, n_heads: int | None = None) -> torch.Tensor:
+    """``grad . delta`` per pair and position: ``[n, pos]``, or per head ``[n, head, pos]``.
+
+    grad, delta: ``[n, pos, width]``; with ``n_heads`` the width is ``head * d_head`` (the input
+    of the attention output projection) and the dot product runs over ``d_head`` only.
+    """
+    if grad.shape != delta.shape:
+        raise ValueError(f"gradient {tuple(grad.shape)} and delta {tuple(delta.shape)} differ")
+    product = grad.float() * delta.float()  # [n, pos, width]
+    if n_heads is None:
+        return product.sum(-1)
+    if product.shape[-1] % n_heads:
+        raise ValueError(f"width {product.shape[-1]} of {tuple(product.shape)} is not divisible by n_heads={n_heads}")
+    per_head = rearrange(product, "n pos (head d_head) -> n head pos d_head", head=n_heads)
+    return per_head.sum(-1)
+
+
+def interpolate(emb: torch.Tensor, mask: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Input rows for integrated gradients: the clean and corrupted rows of ``emb``, then one
+    corrupted copy per step with its overlap moved ``alpha`` of the way towards clean.
+
+    emb: ``[rows >= 2n, pos, d_model]`` (rows past ``2n`` are replaced); mask: ``[n, pos]``;
+    alphas: ``[step]``. Returns ``[(2 + step) * n, pos, d_model]``.
+    """
+    n = mask.shape[0]
+    corrupted = emb[n : 2 * n]
+    delta = pair_delta(emb, mask)  # [n, pos, d_model]
+    path = corrupted[None] + alphas.to(emb.dtype).to(emb.device)[:, None, None, None] * delta[None]
+    return torch.cat([emb[: 2 * n], rearrange(path, "step n pos d -> (step n) pos d")])
+
+
+def patched_rows(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    source: torch.Tensor,
+    positions: torch.Tensor,
+    channels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows ``rows`` of ``x`` with the entries selected by ``positions`` (and ``channels``) taken
+    from rows ``source``: write the result back with ``x[rows] = ...``.
+
+    x: ``[batch, pos, width]``; rows, source: ``[r]``; positions: ``[r, pos]`` bool;
+    channels: ``[r, width]`` bool (one head's slice), or None for every channel.
+    Returns ``[r, pos, width]``.
+    """
+    if positions.shape != (rows.shape[0], x.shape[1]) or source.shape != rows.shape:
+        raise ValueError(
+            f"rows {tuple(rows.shape)}, source {tuple(source.shape)} and positions {tuple(positions.shape)} "
+            f"do not match activation {tuple(x.shape)}"
+        )
+    select = positions.to(x.device)[:, :, None]  # [r, pos, 1]
+    if channels is not None:
+        select = select & channels.to(x.device)[:, None, :]  # [r, pos, width]
+    return torch.where(select, x[source.to(x.device)], x[rows.to(x.device)])
+
+
+def normalised_recovery(patched: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
+    """``(patched - corrupted) / (clean - corrupted)``: 0 = no effect, 1 = the clean metric.
+    All inputs broadcast (e.g. patched ``[pair, node]``, clean and corrupted ``[pair, 1]``)."""
+    return (patched - corrupted) / (clean - corrupted)
