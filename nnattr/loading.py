@@ -58,15 +58,17 @@ def load(
             f"model must be a name, a folder, a repo id or a PreTrainedModel, got {type(model).__name__}"
         )
     source = _resolve(str(model))
+    if Path(source).is_dir():
+        # A local folder (the embedded models too) is built here and wrapped like any built
+        # model: nnsight would take a path for a Hub repo id when picking the pipeline task.
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hf = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
+        return load(hf.eval(), tokenizer or AutoTokenizer.from_pretrained(source),
+                    attn_implementation=attn_implementation)
     config = AutoConfig.from_pretrained(source, **_config_kwargs(kwargs))
     spec = spec_for(config)
-    if tokenizer is None and Path(source).is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source)
     kwargs.setdefault("attn_implementation", attn_implementation)
-    if Path(source).is_dir():
-        kwargs.setdefault("dispatch", True)
     return nnsight.TransformersModel(source, tokenizer=tokenizer, rename=spec.rename(), **kwargs)
 
 

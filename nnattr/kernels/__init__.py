@@ -29,4 +29,13 @@ from .dla import (
 )
 from .heads import expand_kv, first, o_proj_per_head, split_heads, split_values
 from .lens import inverse_softcap, lens_summary, softcap, topk_flat
-from .patching import attribution_scores, interpolate, logit_diff, normalised_recovery, overlap_mask, pair_delta, patched_rows, path_gradient
+from .patching import (
+    attribution_scores,
+    interpolate,
+    logit_diff,
+    normalised_recovery,
+    overlap_mask,
+    pair_delta,
+    patched_rows,
+    path_gradient,
+)

@@ -28,7 +28,9 @@ def logit_diff(logits: torch.Tensor, answer: torch.Tensor, distractor: torch.Ten
     in float32. Left padding puts every row's last real token at position ``-1``.
     """
     if logits.ndim != 3 or answer.shape != logits.shape[:1]:
-        raise ValueError(f"logits {tuple(logits.shape)} and answer {tuple(answer.shape)} are not [batch, pos, vocab], [batch]")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and answer {tuple(answer.shape)} are not [batch, pos, vocab], [batch]"
+        )
     last = logits[:, -1].float()  # [batch, vocab]
     value = last.gather(-1, answer.to(last.device)[:, None])[:, 0]
     if distractor is not None:
@@ -56,7 +58,7 @@ def pair_delta(act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     n = mask.shape[0]
     if act.ndim != 3 or act.shape[0] < 2 * n or act.shape[1] != mask.shape[1]:
         raise ValueError(f"activation {tuple(act.shape)} does not hold 2 x {n} rows of {mask.shape[1]} positions")
-    return (act[:n] - act[n : 2 * n]) * mask[..., None].to(act.dtype)
+    return (act[:n] - act[n : 2 * n]) * mask[..., None].to(device=act.device, dtype=act.dtype)
 
 
 def path_gradient(grad: torch.Tensor, *, n_pairs: int, steps: int = 0) -> torch.Tensor:

@@ -1,0 +1,457 @@
+"""Attribution patching and activation patching: exactness, parity, batching, padding, bad input.
+
+The reference (``hooks_atp``) uses forward hooks on the native Hugging Face modules and plain
+autograd: no nnsight, no nnattr kernels. Models are ``tests/support/tiny.py``'s with every
+matrix scaled by ``SHARPEN`` so logits are O(1) and the nonlinearities matter.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import nnattr
+from nnattr import kernels as K
+from nnattr.recipes import activation_patching, attribution_patching
+from nnattr.recipes.attribution_patching import NODES
+from nnattr.validation import ApproximationWarning, compare, metric_effect, spearman
+from tests.support import tiny
+
+try:
+    import ndif.services.ray.deployments.modeling.nns  # noqa: F401  (the loopback server's core)
+except ImportError:
+    ndif = None
+
+torch.set_num_threads(1)
+
+SHARPEN = 10.0
+TOL = dict(atol=1e-5, rtol=1e-5)  # float32 against float32 computed another way
+CLEAN, CORRUPTED = tiny.prompts(4, lengths=(5, 6)), tiny.prompts(4, seed=1, lengths=(5, 6))
+ANSWER, DISTRACTOR = ["w5", "w17", "w42", "w8"], ["w9", "w3", "w60", "w1"]
+UNEQUAL = tiny.prompts(4, seed=2, lengths=(4, 7, 6, 3))  # corrupted prompts of other lengths
+
+
+def build(arch: str, *, linear: bool = False):
+    """A sharpened tiny model; ``linear`` makes the metric linear in the last layer's attention
+    output, heads and MLP output (no final norm, last MLP zeroed)."""
+    hf = tiny.hf_model(arch)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 2:
+                p.mul_(SHARPEN)
+        if linear:
+            spec = nnattr.spec_for(hf)
+            parent, name = spec.ln_f.rsplit(".", 1)
+            setattr(hf.get_submodule(parent), name, torch.nn.Identity())
+            last = hf.get_submodule(spec.layers)[-1]
+            for p in last.get_submodule(spec.mlp).parameters():
+                p.zero_()
+    return hf
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    cache = {}
+
+    def get(arch, linear=False):
+        if (arch, linear) not in cache:
+            hf = build(arch, linear=linear)
+            cache[arch, linear] = hf, nnattr.load(hf, tiny.tokenizer())
+        return cache[arch, linear]
+
+    return get
+
+
+def hooks_atp(hf, clean, corrupted, answer, distractor, *, steps=0):
+    """AtP (or EAP-IG with ``steps``) of every node type with torch hooks: ``{site: [n, layer, (head,) pos]}``."""
+    spec, d, tok = nnattr.spec_for(hf), nnattr.dims(hf), tiny.tokenizer()
+    n = len(clean)
+    enc = tok(clean + corrupted * (1 + steps), return_tensors="pt", padding=True)
+    mask = enc["attention_mask"]
+    lengths = mask.sum(-1)
+    both = torch.minimum(lengths[:n], lengths[n : 2 * n])
+    overlap = torch.arange(mask.shape[1])[None] >= (mask.shape[1] - both)[:, None]  # [n, pos]
+    acts = {"resid": [], "head": [], "attn": [], "mlp": []}
+
+    def keep(site, t):
+        t.retain_grad()
+        acts[site].append(t)
+
+    def embed_hook(module, args, out):
+        if not steps:
+            return out.requires_grad_(True)
+        c, k = out[:n], out[n : 2 * n]
+        path = [k + (s + 0.5) / steps * (c - k) * overlap[..., None] for s in range(steps)]
+        return torch.cat([out[: 2 * n]] + path).requires_grad_(True)
+
+    hooks = [hf.get_submodule(spec.embed).register_forward_hook(embed_hook)]
+    for layer in hf.get_submodule(spec.layers):
+        attn = layer.get_submodule(spec.attn)
+        hooks += [
+            layer.register_forward_pre_hook(lambda m, a, kw: keep("resid", a[0] if a else kw["hidden_states"]),
+                                            with_kwargs=True),
+            attn.get_submodule(spec.o_proj).register_forward_pre_hook(lambda m, a: keep("head", a[0])),
+            layer.get_submodule(spec.attn_out or spec.attn).register_forward_hook(
+                lambda m, a, out: keep("attn", out[0] if isinstance(out, tuple) else out)),
+            layer.get_submodule(spec.mlp_out or spec.mlp).register_forward_hook(lambda m, a, out: keep("mlp", out)),
+        ]
+    try:
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count from the first token
+        logits = hf(**enc, position_ids=position_ids).logits[:, -1].float()
+    finally:
+        for h in hooks:
+            h.remove()
+    ids = lambda words: torch.tensor([tok.convert_tokens_to_ids(w) for w in words] * (2 + steps))  # noqa: E731
+    rows = torch.arange(len(logits))
+    metric = logits[rows, ids(answer)] - logits[rows, ids(distractor)]
+    metric[n if not steps else 2 * n :].sum().backward()
+    out = {}
+    for site, tensors in acts.items():
+        per_layer = []
+        for t in tensors:
+            delta = (t[:n] - t[n : 2 * n]) * overlap[..., None]
+            grad = t.grad[n : 2 * n] if not steps else t.grad[2 * n :].reshape(steps, n, *t.shape[1:]).mean(0)
+            prod = (grad * delta).detach()  # [n, pos, width]
+            if site == "head":
+                prod = prod.reshape(*prod.shape[:2], d.n_heads, -1).sum(-1).transpose(1, 2)  # [n, head, pos]
+            else:
+                prod = prod.sum(-1)
+            per_layer.append(prod)
+        out[site] = torch.stack(per_layer, 1)
+    return out, metric[: 2 * n].detach().reshape(2, n)
+
+
+def flat(result, pair_lengths):
+    """A recipe result as ``[n, layer * head or layer, pos of each pair]`` for comparison."""
+    return [result.values[i][..., -L:] for i, L in enumerate(pair_lengths)]
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("steps", [0, 3])
+def test_parity_with_plain_torch_hooks(zoo, arch, steps):
+    hf, model = zoo(arch)
+    method = "ig" if steps else "atp"
+    got = attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=NODES, method=method, steps=steps)
+    ref, metric = hooks_atp(hf, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, steps=steps)
+    L = [len(tiny.tokenizer()(p)["input_ids"]) for p in CORRUPTED]
+    heads = lambda s: s.flatten(1, 2)  # noqa: E731  [n, layer * head, ...]
+    for i, length in enumerate(L):
+        assert_close(got["resid"].values[i][:, -length:], ref["resid"][i][:, -length:], **TOL)
+        assert_close(got["attn_pos"].values[i][:, -length:], ref["attn"][i][:, -length:], **TOL)
+        assert_close(got["mlp_pos"].values[i][:, -length:], ref["mlp"][i][:, -length:], **TOL)
+        assert_close(got["head_pos"].values[i][:, -length:], heads(ref["head"])[i][:, -length:], **TOL)
+    assert_close(got["attn"].values, ref["attn"].sum(-1), **TOL)
+    assert_close(got["mlp"].values, ref["mlp"].sum(-1), **TOL)
+    assert_close(got["head"].values, heads(ref["head"]).sum(-1), **TOL)
+    assert_close(torch.tensor(got["head"].meta["clean_metric"]), metric[0], **TOL)
+    assert got["head"].labels["node"][:2] == ["L0H0", "L0H1"] and got["attn"].labels["node"][1] == "1_attn_out"
+    assert got["resid"].labels["node"][0] == "resid_pre_0" and got["resid"].dims == ("prompt", "node", "position")
+
+
+def test_unequal_lengths_node_level_matches_reference(zoo):
+    hf, model = zoo("llama")
+    got = attribution_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, nodes=("attn", "mlp", "head"))
+    for i in range(len(CLEAN)):  # each pair alone: padded only against its own partner
+        ref, _ = hooks_atp(hf, CLEAN[i : i + 1], UNEQUAL[i : i + 1], ANSWER[i : i + 1], DISTRACTOR[i : i + 1])
+        assert_close(got["attn"].values[i], ref["attn"][0].sum(-1), **TOL)
+        assert_close(got["head"].values[i], ref["head"][0].flatten(0, 1).sum(-1), **TOL)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("corrupted", [CORRUPTED, UNEQUAL], ids=["equal", "unequal"])
+def test_exact_where_the_metric_is_linear_in_the_node(zoo, corrupted):
+    _, model = zoo("llama", linear=True)
+    nodes = ("attn", "attn_pos", "mlp", "head", "head_pos")
+    align = None if corrupted is CORRUPTED else "right"
+    estimate = attribution_patching.run(model, CLEAN, corrupted, ANSWER, DISTRACTOR, nodes=nodes, align=align)
+    ig = attribution_patching.run(model, CLEAN, corrupted, ANSWER, DISTRACTOR, nodes=nodes, align=align,
+                                  method="ig", steps=2)
+    exact = activation_patching.run(model, CLEAN, corrupted, ANSWER, DISTRACTOR, nodes=nodes, align=align)
+    d = nnattr.dims(model)
+    last = {"attn": [d.n_layers - 1], "mlp": [d.n_layers - 1], "head": list(range((d.n_layers - 1) * d.n_heads,
+                                                                                  d.n_layers * d.n_heads))}
+    for node in nodes:
+        rows = last[node.removesuffix("_pos")]
+        truth = metric_effect(exact[node])[:, rows]
+        assert node == "mlp" or truth.nan_to_num().abs().max() > 0.05  # a real effect, not zeros
+        assert_close(estimate[node].values[:, rows], truth, atol=1e-4, rtol=1e-4, equal_nan=True)
+        assert_close(ig[node].values[:, rows], truth, atol=1e-4, rtol=1e-4, equal_nan=True)
+    # the MLP of the last layer is zero, so patching it changes nothing
+    assert_close(exact["mlp"].values[:, -1], torch.zeros(len(CLEAN)))
+
+
+def test_residual_patch_recovers_exactly_where_the_prompts_differ(zoo):
+    _, model = zoo("gpt2")
+    words = [p.split() for p in CLEAN]
+    changed = [" ".join(w[:2] + ["w0"] + w[3:]) for w in words]  # token 2 replaced (no BOS here)
+    exact = activation_patching.run(model, CLEAN, changed, ANSWER, DISTRACTOR, nodes=("resid",))
+    estimate = attribution_patching.run(model, CLEAN, changed, ANSWER, DISTRACTOR, nodes=("resid",))
+    for i, w in enumerate(words):
+        row = exact["resid"][i].values  # [layer, position] of this pair's own tokens
+        expected = torch.zeros(len(w))
+        expected[2] = 1.0  # layer 0's input there is all that differs: patching it is the clean run
+        assert_close(row[0], expected, **TOL)
+        assert_close(row[:, :2], torch.zeros(row.shape[0], 2), **TOL)  # before the change nothing differs
+        assert_close(estimate["resid"][i].values[:, :2], torch.zeros(row.shape[0], 2))
+    assert_close(torch.tensor(exact["resid"].meta["clean_metric"]),
+                 torch.tensor(estimate["resid"].meta["clean_metric"]), **TOL)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_batched_equals_looped(zoo):
+    _, model = zoo("gpt2")
+    kw = dict(nodes=("attn", "mlp", "head"))
+    together = attribution_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, **kw)
+    one_by_one = attribution_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, batch_size=1, **kw)
+    for node in kw["nodes"]:
+        assert_close(together[node].values, one_by_one[node].values, **TOL)
+    exact_all = activation_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, batch_size=None, **kw)
+    exact_small = activation_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, batch_size=3, **kw)
+    for node in kw["nodes"]:
+        assert_close(exact_all[node].values, exact_small[node].values, **TOL)
+
+
+def test_frozen_parameters(zoo):
+    hf, model = zoo("llama")
+    trainable = attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=("resid", "head"))
+    hf.zero_grad(set_to_none=True)
+    hf.requires_grad_(False)
+    try:
+        frozen = attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=("resid", "head"))
+        frozen_ig = attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=("head",),
+                                             method="ig", steps=2)
+    finally:
+        hf.requires_grad_(True)
+    for node in ("resid", "head"):
+        assert_close(frozen[node].values, trainable[node].values, equal_nan=True, **TOL)
+    assert frozen_ig["head"].values.abs().sum() > 0
+    assert all(p.grad is None for p in hf.parameters())
+
+
+def test_custom_metric_equals_default(zoo):
+    _, model = zoo("gpt2")
+    a, b = tiny.tokenizer().convert_tokens_to_ids(["w5", "w9"])
+    metric = lambda logits: logits[:, -1, a] - logits[:, -1, b]  # noqa: E731
+    custom = attribution_patching.run(model, CLEAN, CORRUPTED, metric=metric, nodes=("head",))
+    default = attribution_patching.run(model, CLEAN, CORRUPTED, "w5", "w9", nodes=("head",))
+    assert_close(custom["head"].values, default["head"].values, **TOL)
+    exact = activation_patching.run(model, CLEAN, CORRUPTED, metric=metric, nodes=("head",))
+    exact_default = activation_patching.run(model, CLEAN, CORRUPTED, "w5", "w9", nodes=("head",))
+    assert_close(exact["head"].values, exact_default["head"].values, **TOL)
+
+
+# ----------------------------------------------------------------------------- unequal lengths
+
+
+def test_per_position_scores_refuse_unequal_lengths_unless_aligned(zoo):
+    _, model = zoo("gpt2")
+    with pytest.raises(ValueError, match=r"pair 0: the clean prompt has 5 tokens and the corrupted prompt 4"):
+        attribution_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR)
+    with pytest.raises(ValueError, match="align='right'"):
+        activation_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, nodes=("head_pos",))
+    out = attribution_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, nodes=("head", "head_pos", "resid"),
+                                   align="right")
+    lengths = [len(tiny.tokenizer()(p)["input_ids"]) for p in (CLEAN, UNEQUAL) for p in p]
+    for i in range(len(CLEAN)):
+        c, k = lengths[i], lengths[len(CLEAN) + i]
+        row = out["head_pos"].values[i]  # [node, position], right-aligned to the longest corrupted prompt
+        assert row[:, -min(c, k):].isfinite().all() and row[:, : row.shape[1] - min(c, k)].isnan().all()
+    assert_close(out["head_pos"].values.nansum(-1), out["head"].values, **TOL)
+    assert len(out["resid"][0].labels["position"]) == lengths[len(CLEAN)]  # one prompt: its own tokens
+
+
+# ----------------------------------------------------------------------------- top-k workflow
+
+
+def test_top_k_mode_patches_only_the_candidates(zoo):
+    _, model = zoo("gpt2")
+    nodes = ("head", "attn_pos")
+    estimate = attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=nodes)
+    full = activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=nodes)
+    top = activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, candidates=estimate, k=3)
+    assert set(top) == set(nodes)
+    for node in nodes:
+        done = ~top[node].values.isnan()
+        assert done.sum() == 3 * len(CLEAN)
+        assert_close(top[node].values[done], full[node].values[done], **TOL)
+        mean = top[node].mean()
+        done_entries = mean.values.isfinite().nonzero()  # [entry, (node, position)]
+        patched = {tuple(mean.labels[d][int(j)] for d, j in zip(mean.dims, row)) for row in done_entries}
+        assert patched == {labels for labels, _ in estimate[node].mean().top(3)}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_refused_before_anything_runs(zoo):
+    _, model = zoo("gpt2")
+    run = attribution_patching.run
+    with pytest.raises(ValueError, match="does not depend on the logits"):
+        run(model, CLEAN, CORRUPTED, metric=lambda logits: torch.ones(logits.shape[0]))
+    with pytest.raises(ValueError, match="one value per row"):
+        run(model, CLEAN, CORRUPTED, metric=lambda logits: logits.sum())
+    with pytest.raises(ValueError, match="4 clean prompts but 3 corrupted"):
+        run(model, CLEAN, CORRUPTED[:3], ANSWER, DISTRACTOR)
+    with pytest.raises(ValueError, match="is 2 tokens"):
+        run(model, CLEAN, CORRUPTED, "w5 w6", "w9")
+    with pytest.raises(ValueError, match="unknown node types"):
+        run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=("heads",))
+    with pytest.raises(ValueError, match="give answer="):
+        run(model, CLEAN, CORRUPTED)
+    with pytest.raises(ValueError, match="method="):
+        run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, method="ig", steps=0)
+    with pytest.raises(ValueError, match="4 clean prompts but 3 corrupted"):
+        activation_patching.run(model, CLEAN, CORRUPTED[:3], ANSWER, DISTRACTOR)
+
+
+# ----------------------------------------------------------------------------- kernels and validation
+
+
+def test_kernels_against_loops():
+    g = torch.Generator().manual_seed(0)
+    act, grad = torch.randn(6, 5, 8, generator=g), torch.randn(6, 5, 8, generator=g)
+    mask = K.overlap_mask(torch.tensor([5, 3]), torch.tensor([4, 5]), 5)
+    assert mask.tolist() == [[False, True, True, True, True], [False, False, True, True, True]]
+    delta = K.pair_delta(act, mask)
+    scores = K.attribution_scores(K.path_gradient(grad, n_pairs=2, steps=1), delta, n_heads=2)  # [2, head, pos]
+    for i in range(2):
+        for h in range(2):
+            for p in range(5):
+                sl = slice(4 * h, 4 * h + 4)
+                expected = grad[4 + i, p, sl] @ (act[i, p, sl] - act[2 + i, p, sl]) if mask[i, p] else 0.0
+                assert_close(scores[i, h, p], torch.as_tensor(expected), atol=1e-6, rtol=1e-6)
+    rows = K.patched_rows(act, torch.tensor([4]), torch.tensor([0]), mask[:1], torch.arange(8)[None] < 4)
+    assert_close(rows[0, 1:, :4], act[0, 1:, :4]) and assert_close(rows[0, :, 4:], act[4, :, 4:])
+    assert_close(rows[0, 0], act[4, 0])
+    with pytest.raises(ValueError, match=r"\(2 \+ 0\) x 4"):
+        K.path_gradient(grad, n_pairs=4)
+
+
+def test_validation_report(zoo):
+    _, model = zoo("gpt2")
+    nodes = ("resid", "attn", "mlp", "head")
+    estimate = attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=nodes)
+    exact = activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=nodes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = compare(estimate, exact, k=3)
+    assert any(issubclass(w.category, ApproximationWarning) and "resid" in str(w.message) for w in caught)
+    assert any("0_mlp_out" in w for w in report.warnings)
+    assert set(report.agreements) == set(nodes) and -1 <= report["head"].pearson <= 1
+    assert "| head | 8 |" in report.table()
+    json.dumps(report.to_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ApproximationWarning)
+        same = compare(exact, exact, k=3)
+    assert same["head"].pearson == pytest.approx(1.0) and same["head"].top_k == 1.0
+    assert spearman(torch.tensor([1.0, 2.0, 2.0, 5.0]), torch.tensor([0.0, 1.0, 1.0, 9.0])) == pytest.approx(1.0)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = report.plot()
+    assert len(fig.axes) == len(nodes)
+
+
+# ----------------------------------------------------------------------------- the trained model
+
+
+def _trained_ioi():
+    from nnattr.embedded import path
+
+    try:
+        record = json.loads((path("tiny-ioi") / "training.json").read_text())
+    except FileNotFoundError:
+        return None
+    return path("tiny-ioi") if record.get("heldout_metrics", {}).get("ioi_acc", 0) >= 0.9 else None
+
+
+@pytest.mark.skipif(_trained_ioi() is None, reason="the embedded tiny-ioi model is not trained yet")
+def test_heads_agree_with_exact_patching_on_ioi():
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from nnattr.embedded import tasks
+
+    folder = _trained_ioi()
+    model = nnattr.load(GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval(),
+                        AutoTokenizer.from_pretrained(folder))
+    items = tasks.ioi_pairs(24, seed=0, split="test")
+    args = [[x[key] for x in items] for key in ("clean", "corrupted", "answer", "distractor")]
+    nodes = ("head", "attn", "mlp")
+    estimate = attribution_patching.run(model, *args, nodes=nodes)
+    exact = activation_patching.run(model, *args, nodes=nodes, batch_size=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ApproximationWarning)
+        report = compare(estimate, exact, k=5)
+    assert report["head"].pearson >= 0.9, report.table()
+
+
+# ----------------------------------------------------------------------------- remote (loopback NDIF)
+
+REPO, KEY = "nnattr-test/tiny-llama-patching", "6f1c0d3e-8a8b-4f7e-9d55-1f0c2b3a4d5e"
+needs_ndif = pytest.mark.skipif(ndif is None, reason="needs the ndif server core (see .ci/run)")
+
+
+def _remote_pair():
+    """The client's model and the server's: same weights; the server's frozen, sdpa, no aliases."""
+    import copy
+
+    import nnsight
+
+    hf = build("llama")
+    hf.name_or_path = REPO
+    state = copy.deepcopy(hf.state_dict())
+
+    def server():
+        served = tiny.hf_model("llama", attn_implementation="sdpa")
+        served.load_state_dict(state)
+        served.name_or_path = REPO
+        return nnsight.TransformersModel(served, tokenizer=tiny.tokenizer())
+
+    return nnattr.load(hf, tiny.tokenizer()), server
+
+
+if ndif is not None:
+    from tests.support.fixtures import loopback_fixture
+    from tests.support.ndif_loopback import OLD_SERVER_IMPORT_WHITELIST, offline_repo_ids
+
+    REMOTE_CLIENT, _server_factory = _remote_pair()
+    _loopback = loopback_fixture({REPO: _server_factory}, api_key=KEY, repo_ids=[REPO], api_keys={KEY},
+                                 import_whitelist=OLD_SERVER_IMPORT_WHITELIST, remote_logging=False)
+
+    @pytest.fixture(scope="module")
+    def server(_loopback):
+        from nnattr import remote
+
+        with offline_repo_ids(REPO):
+            remote._CHECKED.clear()
+            yield _loopback
+        remote._CHECKED.clear()
+
+
+@needs_ndif
+@pytest.mark.parametrize("recipe, kwargs", [
+    (attribution_patching, dict(nodes=NODES)),
+    (attribution_patching, dict(nodes=("head", "resid"), method="ig", steps=2)),
+    (activation_patching, dict(nodes=("resid", "attn", "head"), batch_size=None)),
+], ids=["atp", "ig", "exact"])
+def test_remote_equals_local_in_one_request(server, recipe, kwargs):
+    local = recipe.run(REMOTE_CLIENT, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, **kwargs)
+    before = len(server.requests)
+    far = recipe.run(REMOTE_CLIENT, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, remote=True, **kwargs)
+    assert len(server.requests) == before + 1 and server.last.status == "COMPLETED"
+    assert server.last.request_size < 16_000  # the block and the kernels it calls, as source
+    assert server.last.result_size < 20_000  # scores and metrics, never activations
+    for node in local:
+        assert_close(far[node].values, local[node].values, atol=1e-5, rtol=1e-5, equal_nan=True)
+        assert far[node].meta["clean_metric"] == pytest.approx(local[node].meta["clean_metric"], abs=1e-5)
