@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from typing import Iterator, Sequence, Union
 
 import torch
@@ -95,27 +96,40 @@ def chunks(items: list, batch_size: int | None, *, desc: str) -> Iterator[tuple[
         yield start, items[start : start + size]
 
 
-def map_chunks(fn, items: list, *, batch_size: int | None, desc: str, model=None, remote: bool = False):
+def map_chunks(fn, items: list, *, batch_size: int | None, desc: str, model=None, remote=False, backend=None):
     """Run ``fn(start, chunk)`` over chunks of ``items``; yield ``(start, chunk, result)``.
 
     ``batch_size=None`` means: everything at once on CPU or remote; on a local GPU, as many
     prompts as an estimate of the activations fits in half the free memory. On a CUDA
     out-of-memory error the chunk is halved and retried, down to one prompt. A progress bar
     shows on a terminal when there is more than one chunk.
+
+    Remote (``remote=True``, a host URL, or a remote ``backend``): `nnattr.remote.prepare` runs
+    once before anything is sent (API key, model hosted, versions), each chunk is one request
+    with its own queue wait, and a failed request raises `nnattr.remote.NDIFError`, which names
+    the fix. Chunks queued by `nnattr.remote.submit` yield nothing here.
     """
+    from . import remote as ndif
+
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    size = batch_size or (len(items) if remote else _fits_on_gpu(model, len(items)))
+    on_ndif = ndif.is_remote(remote, backend)
+    if on_ndif:
+        ndif.prepare(model, backend, remote=remote)
+    size = batch_size or (len(items) if on_ndif else _fits_on_gpu(model, len(items)))
     bar = None
     if size < len(items):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), desc=desc, unit="prompt", disable=not sys.stderr.isatty(), leave=False)
-    start = 0
+    start, queued = 0, 0
     while start < len(items):
         chunk = items[start : start + size]
         try:
-            out = fn(start, chunk)
+            with ndif.errors(model, backend, remote=remote, batch_size=len(chunk)) if on_ndif else nullcontext():
+                out = fn(start, chunk)
+        except ndif.Deferred:
+            queued += 1
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise MemoryError(f"{desc}: one prompt does not fit in GPU memory; use a shorter prompt or "
@@ -123,12 +137,15 @@ def map_chunks(fn, items: list, *, batch_size: int | None, desc: str, model=None
             size = max(1, size // 2)
             torch.cuda.empty_cache()
             continue
-        yield start, chunk, out
+        else:
+            yield start, chunk, out
         start += len(chunk)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    if queued:
+        raise ndif.Deferred(queued)
 
 
 def _fits_on_gpu(model, n: int, *, tokens: int = 512) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ def load(
             f"model must be a name, a folder, a repo id or a PreTrainedModel, got {type(model).__name__}"
         )
     source = _resolve(str(model))
+    config = AutoConfig.from_pretrained(source, **_config_kwargs(kwargs))
+    spec = spec_for(config)  # refuse an unsupported architecture before loading any weights
     if Path(source).is_dir():
         # A local folder (the embedded models too) is built here and wrapped like any built
         # model: nnsight would take a path for a Hub repo id when picking the pipeline task.
@@ -66,8 +69,6 @@ def load(
         hf = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
         return load(hf.eval(), tokenizer or AutoTokenizer.from_pretrained(source),
                     attn_implementation=attn_implementation)
-    config = AutoConfig.from_pretrained(source, **_config_kwargs(kwargs))
-    spec = spec_for(config)
     kwargs.setdefault("attn_implementation", attn_implementation)
     return nnsight.TransformersModel(source, tokenizer=tokenizer, rename=spec.rename(), **kwargs)
 
@@ -93,3 +94,17 @@ def require_probabilities(model, method: str) -> None:
             f"which does not return them. Load it with nnattr.load(..., attn_implementation='eager') "
             f"or call model._module.set_attn_implementation('eager') first."
         )
+
+
+@contextlib.contextmanager
+def frozen(model):
+    """Parameters frozen for the duration, then restored: gradient recipes differentiate
+    activations only, so no ``.grad`` lands on the model and the backward skips weight gradients."""
+    thawed = [p for p in model.parameters() if p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)

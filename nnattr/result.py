@@ -63,8 +63,10 @@ class Attribution:
         labels = {d: self.labels[d] for d in dims}
         if self.tokens is not None:
             toks = list(self.tokens[i])
+            width = max(map(len, self.tokens))
             for axis, dim in enumerate(dims):
-                if dim in ("position", "key", "query"):
+                # Position axes spanning the padded batch are stripped; a subset (the last) is kept.
+                if dim in ("position", "key", "query") and values.shape[axis] == width:
                     values = values.narrow(axis, values.shape[axis] - len(toks), len(toks))
                     labels[dim] = [f"{j}:{t}" for j, t in enumerate(toks)]
         meta = {k: (v[i] if isinstance(v, (list, tuple)) and len(v) == len(self) else v) for k, v in self.meta.items()}

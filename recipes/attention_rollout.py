@@ -23,7 +23,7 @@ from typing import Literal
 import nnsight
 import torch
 
-from nnattr import kernels as K
+from nnattr.kernels import flow_step, rollout_step, split_values, value_weighted  # by name: docs/remote.md
 from nnattr.arch import dims, spec_for
 from nnattr.inputs import Prompts, as_prompts, check_unknown, map_chunks, tokens_of
 from nnattr.loading import require_probabilities
@@ -67,7 +67,7 @@ def run(
         )
 
     for start, chunk, maps in map_chunks(step, prompts, batch_size=batch_size, desc=f"attention {view}",
-                                         model=model, remote=remote):
+                                         model=model, remote=remote, backend=backend):
         lengths = [len(t) for t in tokens[start : start + len(chunk)]]
         for b, n in enumerate(lengths):
             values[start + b, ..., -n:, -n:] = maps[b, ..., -n:, -n:]
@@ -89,15 +89,15 @@ def _trace(model, prompts, key_mask, *, view, residual, head_fusion, norm, layou
         state = None
         for layer in model.layers:
             if view == "value_weighted":
-                values = K.split_values(layer.attn.v_proj.output, layout=layout, n_heads=n_heads,
-                                        n_kv_heads=n_kv, d_head=d_head)  # [batch, key, kv_head, d_head]
+                values = split_values(layer.attn.v_proj.output, layout=layout, n_heads=n_heads,
+                                      n_kv_heads=n_kv, d_head=d_head)  # [batch, key, kv_head, d_head]
             pattern = layer.attn.output[1]  # [batch, head, query, key]
             if view == "value_weighted":
-                pattern = K.value_weighted(pattern, values, norm=norm)
+                pattern = value_weighted(pattern, values, norm=norm)
             if view == "flow":
-                state = K.flow_step(state, pattern, key_mask=mask)
+                state = flow_step(state, pattern, key_mask=mask)
             else:
-                state = K.rollout_step(state, pattern, residual=residual, head_fusion=head_fusion, key_mask=mask)
+                state = rollout_step(state, pattern, residual=residual, head_fusion=head_fusion, key_mask=mask)
         maps = nnsight.save(state.detach().cpu())
     return maps
 

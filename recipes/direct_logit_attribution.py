@@ -22,7 +22,10 @@ from typing import Literal, Sequence
 import nnsight
 import torch
 
-from nnattr import kernels as K
+from nnattr.kernels import (  # by name, not the module: docs/remote.md
+    bias_term, direct_logit, expand_kv, first, head_direct_logit, head_position_direct_logit, inverse_softcap,
+    logit_direction, norm_scale, o_proj_per_head, residual_direction, split_heads, split_values,
+)
 from nnattr.arch import dims, require_exact_heads, spec_for
 from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, map_chunks, right_align, token_ids, tokens_of
 from nnattr.loading import require_probabilities
@@ -67,7 +70,8 @@ def run(
         )
 
     scores, answers, logits = [], [], []
-    for start, chunk, out in map_chunks(step, prompts, batch_size=batch_size, desc="DLA", model=model, remote=remote):
+    for start, chunk, out in map_chunks(step, prompts, batch_size=batch_size, desc="DLA", model=model,
+                                        remote=remote, backend=backend):
         stop = start + len(chunk)
         scores += list(out["scores"]) if by != "head_position" else [
             s[..., -len(t):] for s, t in zip(out["scores"], tokens[start:stop])
@@ -110,44 +114,46 @@ def _trace(model, prompts, *, by, spec, d, target, distractor, remote, backend):
     heads, positions = by in ("head", "head_position"), by == "head_position"
 
     with model.trace(prompts, remote=remote, backend=backend):
-        writes = [K.first(getattr(model, name).output)[:, -1] for name in embed_names]
+        writes = [first(getattr(model, name).output)[:, -1] for name in embed_names]
         z, W_O, rows, values = [], [], [], []
         for layer in model.layers:
             if positions:
                 raw = layer.attn.v_proj.output  # [batch, pos, width]
-                values.append(K.split_values(raw, layout=layout, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head))
+                values.append(split_values(raw, layout=layout, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head))
             if heads:
-                z.append(K.split_heads(layer.attn.o_proj.input[:, -1], n_heads=n_heads))  # [batch, head, d_head]
-                W_O.append(K.o_proj_per_head(layer.attn.o_proj.weight, n_heads=n_heads, conv1d=conv1d))
+                z.append(split_heads(layer.attn.o_proj.input[:, -1], n_heads=n_heads))  # [batch, head, d_head]
+                W_O.append(o_proj_per_head(layer.attn.o_proj.weight, n_heads=n_heads, conv1d=conv1d))
             if positions:
                 rows.append(layer.attn.output[1][:, :, -1])  # [batch, head, key]
-            writes.append(K.first(layer.attn_out.output)[:, -1])
-            writes.append(K.first(layer.mlp_out.output)[:, -1])
+            writes.append(first(layer.attn_out.output)[:, -1])
+            writes.append(first(layer.mlp_out.output)[:, -1])
         resid = model.ln_f.input[:, -1]  # [batch, d_model]
         final = model.output.logits[:, -1].float()  # [batch, vocab]
 
         answer = final.argmax(-1) if target is None else target.to(final.device)
         other = None if distractor is None else distractor.to(final.device)
-        direction, bias = K.logit_direction(
+        direction, bias = logit_direction(
             model.lm_head.weight, answer, other, unembed_bias=getattr(model.lm_head, "bias", None)
         )
-        u = K.residual_direction(direction, model.ln_f.weight, norm=norm, weight_offset=offset)
-        scale = K.norm_scale(resid, norm=norm, eps=eps)
+        u = residual_direction(direction, model.ln_f.weight, norm=norm, weight_offset=offset)
+        scale = norm_scale(resid, norm=norm, eps=eps)
         if heads:
             if positions:
                 parts = [
-                    K.head_position_direct_logit(r, K.expand_kv(v, n_heads=n_heads), w, u, scale)
+                    head_position_direct_logit(r, expand_kv(v, n_heads=n_heads), w, u, scale)
                     for r, v, w in zip(rows, values, W_O)
                 ]
             else:
-                parts = [K.head_direct_logit(h, w, u, scale) for h, w in zip(z, W_O)]
+                parts = [head_direct_logit(h, w, u, scale) for h, w in zip(z, W_O)]
             scores = torch.stack(parts, dim=1)  # [batch, layer, head(, key)]
         else:
-            constant = K.bias_term(direction, bias, getattr(model.ln_f, "bias", None))
-            scores = torch.cat([K.direct_logit(torch.stack(writes), u, scale), constant[None]]).T
-        logit = K.inverse_softcap(final, cap).gather(-1, answer[:, None])[:, 0]
+            constant = bias_term(direction, bias, getattr(model.ln_f, "bias", None))
+            # Broadcast: GPT-2's position embedding is [1, d_model] when no row is padded.
+            writes = torch.stack(torch.broadcast_tensors(*writes))  # [component, batch, d_model]
+            scores = torch.cat([direct_logit(writes, u, scale), constant[None]]).T
+        logit = inverse_softcap(final, cap).gather(-1, answer[:, None])[:, 0]
         if other is not None:
-            logit = logit - K.inverse_softcap(final, cap).gather(-1, other[:, None])[:, 0]
+            logit = logit - inverse_softcap(final, cap).gather(-1, other[:, None])[:, 0]
         out = nnsight.save({"scores": scores.detach().cpu(), "target": answer.cpu(), "logit": logit.detach().cpu()})
     return out
 

@@ -21,8 +21,9 @@ from typing import Literal, Sequence
 import nnsight
 import torch
 
-from nnattr import kernels as K
+from nnattr.kernels import split_heads  # by name, not the module: docs/remote.md
 from nnattr.arch import dims
+from nnattr.loading import frozen
 from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, map_chunks, right_align, token_ids, tokens_of
 from nnattr.result import Attribution
 
@@ -51,18 +52,19 @@ def run(
 
     def step(start, chunk):
         stop = start + len(chunk)
-        return _trace(
-            model, chunk, n_heads=d.n_heads, remote=remote, backend=backend,
-            target=None if targets is None else torch.tensor(targets[start:stop]),
-            distractor=None if distractors is None else torch.tensor(distractors[start:stop]),
-        )
+        with frozen(model):  # gradients of activations only; none land on the weights
+            return _trace(
+                model, chunk, n_heads=d.n_heads, per_position=by == "head_position", remote=remote, backend=backend,
+                target=None if targets is None else torch.tensor(targets[start:stop]),
+                distractor=None if distractors is None else torch.tensor(distractors[start:stop]),
+            )
 
     scores, answers, metrics = [], [], []
     for start, chunk, out in map_chunks(step, prompts, batch_size=batch_size, desc="head attribution",
-                                        model=model, remote=remote):
+                                        model=model, remote=remote, backend=backend):
         stop = start + len(chunk)
-        for s, t in zip(out["scores"], tokens[start:stop]):  # s: [layer, head, pos]
-            scores.append(s.sum(-1) if by == "head" else s[..., -len(t):])
+        for s, t in zip(out["scores"], tokens[start:stop]):  # s: [layer, head(, pos)]
+            scores.append(s if by == "head" else s[..., -len(t):])
         answers += out["target"].tolist()
         metrics += out["metric"].tolist()
 
@@ -80,7 +82,7 @@ def run(
                        tuple(map(tuple, tokens)))
 
 
-def _trace(model, prompts, *, n_heads, target, distractor, remote, backend):
+def _trace(model, prompts, *, n_heads, per_position, target, distractor, remote, backend):
     with model.trace(prompts, remote=remote, backend=backend):
         model.embed.output.requires_grad_(True)  # frozen hosted weights: start the graph here
         z = [layer.attn.o_proj.input for layer in model.layers]  # [batch, pos, head * d_head]
@@ -92,10 +94,11 @@ def _trace(model, prompts, *, n_heads, target, distractor, remote, backend):
         scores = []
         with metric.sum().backward():
             for act in reversed(z):  # gradients arrive in reverse forward order
-                per_head = K.split_heads(act.grad * act, n_heads=n_heads).sum(-1)  # [batch, pos, head]
+                per_head = split_heads(act.grad.float() * act.float(), n_heads=n_heads).sum(-1)  # [batch, pos, head]
                 scores.append(per_head.transpose(1, 2))  # [batch, head, pos]
+        scores = torch.stack(scores[::-1], dim=1).detach()  # [batch, layer, head, pos]
         out = nnsight.save({
-            "scores": torch.stack(scores[::-1], dim=1).detach().float().cpu(),  # [batch, layer, head, pos]
+            "scores": (scores if per_position else scores.sum(-1)).cpu(),  # only what the result keeps crosses
             "target": answer.cpu(),
             "metric": metric.detach().cpu(),
         })

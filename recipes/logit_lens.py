@@ -22,7 +22,7 @@ from typing import Literal, Sequence
 import nnsight
 import torch
 
-from nnattr import kernels as K
+from nnattr.kernels import first, lens_summary, softcap  # by name, not the module: docs/remote.md
 from nnattr.arch import dims
 from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, map_chunks, right_align, token_ids, tokens_of
 from nnattr.result import Attribution
@@ -63,7 +63,7 @@ def run(
 
     probs, ranks, top_ids, top_probs = [], [], [], []
     for start, chunk, out in map_chunks(step, prompts, batch_size=batch_size, desc="logit lens",
-                                        model=model, remote=remote):
+                                        model=model, remote=remote, backend=backend):
         rows = ids[start : start + len(chunk)]
         for b, r in enumerate(rows):
             keep = len(r) if positions == "all" else 1
@@ -97,28 +97,28 @@ def run(
 def _trace(model, prompts, expected, last_target, *, positions, k, cap, remote, backend):
     every = positions == "all"
     with model.trace(prompts, remote=remote, backend=backend):
-        states = [model.layers[0].input] + [K.first(layer.output) for layer in model.layers]
+        states = [model.layers[0].input] + [first(layer.output) for layer in model.layers]
         want = (expected if every else expected[:, -1:]).to(states[0].device)  # [batch, pos]
         cells, last = [], []
         for h in states:
             h = h if every else h[:, -1:]  # [batch, pos, d_model]
-            logits = K.softcap(model.lm_head(model.ln_f(h)).float(), cap)  # [batch, pos, vocab]
+            logits = softcap(model.lm_head(model.ln_f(h)).float(), cap)  # [batch, pos, vocab]
             # Reduce each layer at once: only [batch, pos, k] and the last row's logits live on.
-            cells.append(K.lens_summary(logits.flatten(0, 1)[None], want.flatten(), k=k))
+            cells.append(lens_summary(logits.flatten(0, 1)[None], want.flatten(), k=k))
             last.append(logits[:, -1])  # [batch, vocab]
         final = model.output.logits[:, -1].float()
         answer = final.argmax(-1) if last_target is None else last_target.to(final.device)
-        at_last = K.lens_summary(torch.stack(last), answer, k=k)  # [layer, batch]
+        at_last = lens_summary(torch.stack(last), answer, k=k)  # [layer, batch]
         shape = (len(states),) + tuple(want.shape)  # [layer, batch, pos]
         prob = torch.cat([c["target_prob"] for c in cells]).reshape(shape)
         rank = torch.cat([c["target_rank"] for c in cells]).reshape(shape)
         prob[:, :, -1] = at_last["target_prob"]
         rank[:, :, -1] = at_last["target_rank"]
         out = nnsight.save({
-            "prob": prob.cpu(),
+            "prob": prob.detach().cpu(),
             "rank": rank.cpu(),
             "top_id": torch.cat([c["top_id"] for c in cells]).reshape(shape + (k,)).cpu(),
-            "top_prob": torch.cat([c["top_prob"] for c in cells]).reshape(shape + (k,)).cpu(),
+            "top_prob": torch.cat([c["top_prob"] for c in cells]).reshape(shape + (k,)).detach().cpu(),
         })
     return out
 

@@ -1,0 +1,467 @@
+"""Recipes on NDIF: preflight checks, errors that name the fix, and non-blocking jobs.
+
+Every recipe takes ``remote=`` and ``backend=`` and runs its traces through
+`nnattr.inputs.map_chunks`, which calls `prepare` once before the first request and wraps each
+request in `errors`. So a missing API key, a model NDIF does not host or a server that refuses
+gradients is reported as a sentence, before anything is sent where that is possible. See
+docs/remote.md.
+
+>>> import nnattr, nnattr.remote
+>>> from nnattr.recipes import direct_logit_attribution as dla
+>>> model = nnattr.load("meta-llama/Llama-3.1-8B")                                  # doctest: +SKIP
+>>> result = dla.run(model, "The Eiffel Tower is in", " Paris", remote=True)         # doctest: +SKIP
+>>> job = nnattr.remote.submit(dla, model, "The Eiffel Tower is in", " Paris")       # doctest: +SKIP
+>>> job.status()                                                                     # doctest: +SKIP
+'QUEUED'
+>>> job.result(timeout=600).top(5)                                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+import warnings
+from typing import Any, Callable, Iterator
+
+from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
+
+__all__ = ["NDIFError", "NDIFVersionWarning", "Job", "SERVER_IMPORTS", "add_cli_arguments", "errors",
+           "is_remote", "prepare", "remote_kwargs", "submit", "translate"]
+
+DEFAULT_HOST = "https://api.ndif.us"
+KEYS_URL = "https://login.ndif.us"
+#: Modules the restricted NDIF server lets request code import (besides nnsight's own).
+SERVER_IMPORTS = frozenset({"torch", "einops", "math", "typing", "numpy", "collections", "operator", "enum"})
+_STAGES = ("ERROR", "RECEIVED", "QUEUED", "PROVISIONING", "DEPLOYING", "DISPATCHED", "RUNNING", "COMPLETED")
+
+
+class NDIFError(RuntimeError):
+    """A remote run that cannot go on. The message says what happened and how to fix it.
+
+    ``kind`` names the failure (``"api_key"``, ``"unreachable"``, ``"not_hosted"``, ``"gradients"``,
+    ``"frozen"``, ``"oom"``, ``"timeout"``, ``"module_missing"``, ``"whitelist"``,
+    ``"architecture"``, ``"old_client"``, ``"expired"``, ``"dropped"``, ``"pending"``,
+    ``"server_code"``, ...); ``server_message`` is the server's own text, API key removed.
+    """
+
+    def __init__(self, message: str, *, kind: str, server_message: str | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.server_message = kind, server_message
+
+
+class NDIFVersionWarning(UserWarning):
+    """nnsight, transformers or torch differ between this machine and the NDIF server."""
+
+
+class Deferred(Exception):
+    """Internal to `submit`: a trace was queued as a non-blocking job instead of run."""
+
+
+# ----------------------------------------------------------------------------- preflight
+
+_CHECKED: set[tuple[str, str]] = set()  # (host, model key) pairs whose service checks passed
+
+
+def is_remote(remote: Any = False, backend: Any = None) -> bool:
+    """Whether a recipe call goes to an NDIF server: ``remote=True``, a host URL, or a remote
+    ``backend`` (nnsight uses a given backend whatever ``remote`` says). ``remote="local"``,
+    nnsight's in-process serialization check, is not remote."""
+    if backend is not None:
+        return isinstance(backend, RemoteBackend)
+    return remote is True or (isinstance(remote, str) and remote.startswith(("http://", "https://")))
+
+
+def prepare(model, backend=None, *, remote: Any = True) -> None:
+    """Make ``model``'s traces ready for NDIF, or raise `NDIFError` before anything is sent.
+
+    1. Ships nnattr's kernels with each request (``nnsight.register``): nnattr is not installed
+       on NDIF.
+    2. Finds the API key (the backend's, nnsight's config from ``nnsight login``, or
+       ``NDIF_API_KEY``, also when set after nnsight was imported; ``NDIF_HOST`` likewise).
+    3. Once per process, host and model: checks the host answers, that the model is running
+       (``nnsight.is_model_running``), and warns (`NDIFVersionWarning`) where
+       ``nnsight.compare()`` finds nnsight, transformers or torch differ from the server's.
+    """
+    import nnsight
+
+    from nnattr import kernels
+
+    nnsight.register(kernels)
+    if isinstance(backend, _Replay):
+        return
+    _adopt_environment()
+    host = _host(backend, remote)
+    if backend is not None and not backend.blocking and not isinstance(backend, _Submitter):
+        raise NDIFError(
+            "A non-blocking backend returns before any result exists, so a recipe cannot use it "
+            "directly. Use job = nnattr.remote.submit(recipe, model, ...) and job.result().",
+            kind="usage",
+        )
+    key = _api_key(backend)
+    if not key:
+        raise NDIFError(
+            f"No NDIF API key, so nothing was sent to {host}. Set the NDIF_API_KEY environment "
+            f"variable or run `nnsight login` once (get a key at {KEYS_URL}); NDIF_HOST chooses "
+            f"the host.",
+            kind="api_key",
+        )
+    if backend is not None and not backend.api_key:
+        backend.api_key = key
+    model_key = backend.model_key if backend is not None else _model_key(model)
+    if (host, model_key) not in _CHECKED:
+        _check_service(host, model_key)
+        _CHECKED.add((host, model_key))
+
+
+def _adopt_environment() -> None:
+    """nnsight reads NDIF_API_KEY and NDIF_HOST once, at import: pick up values set later."""
+    from nnsight import CONFIG
+
+    key, host = os.environ.get("NDIF_API_KEY"), os.environ.get("NDIF_HOST")
+    if key and not CONFIG.API.APIKEY:
+        CONFIG.API.APIKEY = key
+    if host and CONFIG.API.HOST == DEFAULT_HOST:
+        CONFIG.API.HOST = host
+
+
+def _api_key(backend=None) -> str | None:
+    from nnsight import CONFIG
+
+    return getattr(backend, "api_key", None) or CONFIG.API.APIKEY or os.environ.get("NDIF_API_KEY")
+
+
+def _host(backend=None, remote: Any = True) -> str:
+    from nnsight import CONFIG
+
+    if backend is not None and getattr(backend, "host", None):
+        return backend.host
+    if isinstance(remote, str) and remote.startswith(("http://", "https://")):
+        return remote
+    _adopt_environment()
+    return CONFIG.API.HOST
+
+
+def _model_key(model) -> str:
+    try:
+        return model.to_model_key()
+    except Exception as error:
+        raise NDIFError(
+            f"Could not name this model for NDIF ({type(error).__name__}: {_scrub(str(error))}). NDIF "
+            f"serves models by Hugging Face repo id: load it by that id, e.g. "
+            f"nnattr.load('meta-llama/Llama-3.1-8B'), with the Hub reachable.",
+            kind="model_key",
+        ) from None
+
+
+def _check_service(host: str, model_key: str) -> None:
+    import httpx
+    import nnsight
+
+    repo = json.loads(model_key.partition(":")[2] or "{}")
+    repo_id, revision = repo.get("repo_id"), repo.get("revision") or "main"
+    try:
+        response = httpx.get(f"{host}/status", timeout=httpx.Timeout(5.0, read=30.0))
+        response.raise_for_status()
+        status = response.json()
+    except httpx.HTTPStatusError:
+        return  # the host answers but publishes no status: the request itself will tell
+    except (httpx.TransportError, OSError) as error:
+        raise NDIFError(
+            f"Cannot reach NDIF at {host} ({type(error).__name__}), so nothing was sent. Check the "
+            f"network and NDIF_HOST; nnsight.status() shows whether the service is up.",
+            kind="unreachable",
+        ) from None
+    with _pointed_at(host):
+        try:
+            running = nnsight.is_model_running(repo_id, revision=revision)
+        except Exception:  # the Hub lookup it makes failed: read the status we already have
+            running = any(
+                d.get("repo_id") == repo_id and (d.get("revision") or "main") == revision
+                and d.get("application_state") == "RUNNING"
+                for d in status.get("deployments", {}).values()
+            )
+        if not running:
+            raise NDIFError(
+                f"Model {repo_id!r} is not running on NDIF ({host}), so nothing was sent; "
+                f"print(nnsight.status()) lists the models that are.",
+                kind="not_hosted",
+            )
+        try:
+            mismatches = nnsight.compare().critical_mismatches
+        except Exception:
+            return
+    if mismatches:
+        differ = "; ".join(f"{p} {v['local']} here, {v['remote']} on NDIF" for p, v in sorted(mismatches.items()))
+        pins = " ".join(f"'{p}=={v['remote']}'" for p, v in sorted(mismatches.items()))
+        warnings.warn(
+            f"Versions that decide how traces run differ from the NDIF server's: {differ}. Remote "
+            f"results may differ from local ones, or requests may fail with an architecture "
+            f"mismatch. To match the server: pip install {pins} (print(nnsight.compare()) shows all).",
+            NDIFVersionWarning,
+            stacklevel=3,
+        )
+
+
+@contextlib.contextmanager
+def _pointed_at(host: str) -> Iterator[None]:
+    """nnsight's status helpers read the configured host: point them at ``host`` meanwhile."""
+    import nnsight.ndif as ndif
+    from nnsight import CONFIG
+
+    if CONFIG.API.HOST == host:
+        yield
+        return
+    saved = CONFIG.API.HOST, ndif._REMOTE_ENV
+    CONFIG.API.HOST, ndif._REMOTE_ENV = host, None
+    try:
+        yield
+    finally:
+        CONFIG.API.HOST, ndif._REMOTE_ENV = saved
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@contextlib.contextmanager
+def errors(model=None, backend=None, *, remote: Any = True, batch_size: int | None = None) -> Iterator[None]:
+    """Turn a failed remote request into an `NDIFError` that names the fix (API key removed).
+
+    >>> with nnattr.remote.errors(model):                                               # doctest: +SKIP
+    ...     with model.trace("Hello", remote=True):
+    ...         logits = model.output.logits.save()
+    """
+    try:
+        yield
+    except (NDIFError, Deferred):
+        raise
+    except Exception as error:
+        translated = translate(error, host=_host(backend, remote), repo_id=getattr(model, "repo_id", None),
+                               batch_size=batch_size)
+        if translated is None:
+            raise
+        error.args = tuple(_scrub(a) if isinstance(a, str) else a for a in error.args)
+        raise translated from None
+
+
+# (kind, pattern in the server's text, message): the first match wins. Messages use {model},
+# {where}, {batch}, {smaller}, {last}, {text} and the pattern's named groups.
+_SERVER_ERRORS = [
+    ("not_hosted", r"Could not deploy this model\.\s*(?P<reason>.*)",
+     "{model} is not hosted on NDIF ({where}): {reason} print(nnsight.status()) lists the models that are."),
+    ("gradients", r"(?=.*does not require grad)(?=.*inference_mode)|OutOfOrderError: '[^']*\.grad'",
+     "This NDIF deployment refuses gradients (its runner executes without autograd, as NDIF's sandboxed "
+     "runner does), so gradient recipes (head_attribution, attribution_patching) cannot run on it. Use a "
+     "forward-only recipe (direct_logit_attribution, logit_lens, attention_rollout), a deployment that "
+     "allows gradients, or run locally."),
+    ("frozen", r"does not require grad",
+     "The backward found no gradient path: hosted models have frozen parameters, so a trace must call "
+     ".requires_grad_(True) on its earliest activation (the recipes do it on model.embed.output)."),
+    ("oom", r"OutOfMemoryError|CUDA out of memory",
+     "NDIF ran out of GPU memory on this request{batch}. Pass {smaller} (each chunk is one request) or use "
+     "shorter prompts."),
+    ("timeout", r"exceeded the execution timeout of (?P<limit>[\d.]+s)",
+     "The job ran past NDIF's execution time limit ({limit}). Send fewer prompts per request (batch_size=...) "
+     "or shorter prompts."),
+    ("module_missing", r"payload could not be read \(ModuleNotFoundError: No module named '(?P<name>[^']+)'",
+     "NDIF could not load the request: module {name!r} is not installed on the server. Ship it by value "
+     "before the trace: nnsight.register({name}) (nnattr.remote.prepare does this for nnattr.kernels)."),
+    ("whitelist", r"Module (?P<name>\S+) is not whitelisted",
+     "This NDIF server refused module {name!r}: code that runs in a trace may only use "
+     + ", ".join(sorted(SERVER_IMPORTS)) + " and nnsight. Keep trace code within those, and call your own "
+     "helpers by name (registered with nnsight.register), never through a module object."),
+    ("architecture", r"doesn't match the one your code was traced against: it has no module at '(?P<path>[^']+)'",
+     "The server's model has no module {path!r}: its transformers version builds a different module tree. "
+     "print(nnsight.compare()) shows the versions; install the server's transformers."),
+    ("api_key", r"^Failed to send request: (?P<detail>[^.]*API key[^.]*)",
+     "NDIF rejected the API key ({detail}). Set NDIF_API_KEY to a valid key or run `nnsight login` "
+     f"(get a key at {KEYS_URL})."),
+    ("old_client", r"nnsight version .*(below the minimum|not provided)",
+     "NDIF no longer accepts this nnsight version: pip install --upgrade nnsight, then check the rest with "
+     "print(nnsight.compare())."),
+    ("send", r"^Failed to send request: (?P<detail>.*)", "The request could not be sent to {where}: {detail}"),
+    ("server_code", r"Traceback \(most recent call last\)",
+     "The trace failed on the server: {last}\nServer traceback:\n{text}"),
+]
+
+
+def translate(error: BaseException, *, host: str | None = None, repo_id: str | None = None,
+              batch_size: int | None = None) -> NDIFError | None:
+    """The `NDIFError` for an exception a remote request raised, or None if it is not one."""
+    import httpx
+
+    text = _scrub(str(error))
+    where = host or "NDIF"
+    if isinstance(error, RemoteError):
+        context = dict(
+            text=text, where=where, model=f"Model {repo_id!r}" if repo_id else "This model",
+            batch=f" ({batch_size} prompts)" if batch_size else "", last=(text.strip().splitlines() or [""])[-1],
+            smaller=f"batch_size={max(1, batch_size // 2)}" if batch_size else "a smaller batch_size",
+        )
+        for kind, pattern, message in _SERVER_ERRORS:
+            found = re.search(pattern, text, re.S)
+            if found:
+                return NDIFError(message.format(**context, **found.groupdict()), kind=kind, server_message=text)
+        return NDIFError(f"NDIF reported an error: {text}", kind="server", server_message=text)
+    if isinstance(error, httpx.HTTPStatusError) and "/response/" not in str(error.request.url) \
+            and error.response.status_code in (403, 404, 410):
+        return NDIFError("The result's download link has expired (NDIF keeps a result for about an hour): run "
+                         "the request again, and collect non-blocking jobs within the hour.",
+                         kind="expired", server_message=text)
+    if isinstance(error, (ConnectionError, TimeoutError, httpx.TransportError)) or \
+            type(error).__module__.startswith("websocket"):
+        return NDIFError(f"Could not reach NDIF at {where} ({type(error).__name__}). Check the network and "
+                         f"NDIF_HOST; nnsight.status() shows whether the service is up.",
+                         kind="unreachable", server_message=text)
+    if type(error).__name__ == "ValidationError" and "EOF while parsing" in text:
+        return NDIFError(f"NDIF ({where}) closed the connection before the job finished. Run it again; for "
+                         f"long jobs, nnattr.remote.submit survives a dropped connection.",
+                         kind="dropped", server_message=text)
+    return None
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _scrub(text: str) -> str:
+    """``text`` without any API key: the configured ones, quoted ones and key-shaped UUIDs."""
+    from nnsight import CONFIG
+
+    for key in {CONFIG.API.APIKEY, os.environ.get("NDIF_API_KEY")} - {None, ""}:
+        text = text.replace(key, "<api key>")
+    text = re.sub(r"(Invalid API key format: )'[^']*'", r"\1'<api key>'", text)
+    return _UUID.sub("<api key>", text)
+
+
+# ----------------------------------------------------------------------------- non-blocking jobs
+
+
+def submit(recipe, model, *args: Any, **kwargs: Any) -> "Job":
+    """Queue a recipe on NDIF without waiting; ``job.result()`` later gives the same `Attribution`.
+
+    ``recipe`` is a recipe module (or its ``run``); the other arguments are the recipe's own
+    (``remote`` may name a host URL). Each chunk of prompts (``batch_size``) is one NDIF job.
+    NDIF keeps finished results for about an hour.
+    """
+    run = getattr(recipe, "run", recipe)
+    if "backend" in kwargs:
+        raise TypeError("submit() makes its own non-blocking backend; pass remote=<host URL> to pick a host")
+    remote = kwargs.pop("remote", True)
+    backend = _Submitter(model, _host(None, remote))
+    try:
+        run(model, *args, remote=remote, backend=backend, **kwargs)
+    except Deferred:
+        return Job(run, model, args, {**kwargs, "remote": remote}, tuple(backend.ids), backend.host,
+                   backend.model_key)
+    raise NDIFError(f"{run.__module__}.run finished without sending a trace: nothing to submit.", kind="usage")
+
+
+class Job:
+    """A recipe queued on NDIF (`submit`): ``status()``, ``done()``, ``result()``.
+
+    ``ids`` are the NDIF job ids, one per chunk of prompts. ``result()`` downloads each chunk's
+    saved scores and runs the recipe's own post-processing on them (the traces are not sent
+    again), so it returns exactly what the blocking call returns.
+    """
+
+    def __init__(self, run: Callable, model, args: tuple, kwargs: dict, ids: tuple[str, ...], host: str,
+                 model_key: str) -> None:
+        self._run, self._model, self._args, self._kwargs = run, model, args, kwargs
+        self.ids, self.host, self.model_key = ids, host, model_key
+        self._saves: dict[str, dict] = {}
+
+    def __repr__(self) -> str:
+        return f"<nnattr.remote.Job {self._run.__module__} on {self.host}: {len(self.ids)} request(s) {list(self.ids)}>"
+
+    def status(self) -> str:
+        """The least advanced status over the job's requests (``ERROR`` first): ``RECEIVED``,
+        ``QUEUED``, ``DISPATCHED``, ``RUNNING``, ``COMPLETED`` ..."""
+        import httpx
+        from nnsight.schema.response import ResponseModel
+
+        found = []
+        for job_id in self.ids:
+            if job_id in self._saves:
+                found.append("COMPLETED")
+                continue
+            key = _api_key()
+            with errors(self._model, remote=self.host):
+                response = httpx.get(f"{self.host}/response/{job_id}", timeout=httpx.Timeout(10.0, read=60.0),
+                                     headers={"ndif-api-key": key} if key else None)
+                if response.status_code == 404:
+                    found.append("RECEIVED")  # no status stored yet
+                    continue
+                response.raise_for_status()
+            found.append(ResponseModel.model_validate_json(response.text).status.value)
+        return min(found, key=lambda s: _STAGES.index(s) if s in _STAGES else 0)
+
+    def done(self) -> bool:
+        """Whether every request finished (completed or failed)."""
+        return self.status() in ("COMPLETED", "ERROR")
+
+    def result(self, timeout: float | None = None, poll_interval: float = 1.0):
+        """Wait (at most ``timeout`` seconds, if given) and return the recipe's result."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with errors(self._model, remote=self.host):
+            for job_id in self.ids:
+                while job_id not in self._saves:
+                    saves = RemoteBackend(self.model_key, host=self.host, blocking=False, job_id=job_id)()
+                    if saves is not None:
+                        self._saves[job_id] = saves
+                    elif deadline is not None and time.monotonic() > deadline:
+                        raise NDIFError(f"Job not finished after {timeout}s (status {self.status()}): call "
+                                        f"result() again later; NDIF keeps results about an hour.", kind="pending")
+                    else:
+                        time.sleep(poll_interval)
+        replay = _Replay(self.model_key, self.host, [self._saves[i] for i in self.ids])
+        return self._run(self._model, *self._args, backend=replay, **self._kwargs)
+
+
+class _Submitter(RemoteBackend):
+    """Posts each trace as a non-blocking NDIF job, then stops the recipe with `Deferred`."""
+
+    def __init__(self, model, host: str) -> None:
+        super().__init__(_model_key(model), host=host, env=model._remoteable_get_env(), blocking=False)
+        self.ids: list[str] = []
+
+    def __call__(self, tracer=None):
+        self.job_id = None
+        self.submit(tracer)
+        self.ids.append(self.job_id)
+        raise Deferred(self.job_id)
+
+
+class _Replay(RemoteBackend):
+    """Hands a recipe's traces the saves its submitted jobs returned, in order, sending nothing."""
+
+    def __init__(self, model_key: str, host: str, saves: list[dict]) -> None:
+        super().__init__(model_key, host=host)
+        self.saves = list(saves)
+
+    def __call__(self, tracer=None):
+        result = self.saves.pop(0)
+        self._push(result, tracer)
+        return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_cli_arguments(parser) -> None:
+    """Add ``--remote`` and ``--ndif-host`` to an argparse parser. The API key never goes on a
+    command line: NDIF_API_KEY or ``nnsight login``."""
+    parser.add_argument("--remote", action="store_true",
+                        help="run on NDIF (API key: NDIF_API_KEY or `nnsight login`)")
+    parser.add_argument("--ndif-host", metavar="URL", default=None,
+                        help="NDIF host for --remote (default: NDIF_HOST, else https://api.ndif.us)")
+
+
+def remote_kwargs(args) -> dict:
+    """The recipe keyword arguments for parsed `add_cli_arguments` flags: ``{}`` locally,
+    ``{"remote": True}`` or ``{"remote": host}``."""
+    if not getattr(args, "remote", False):
+        return {}
+    host = getattr(args, "ndif_host", None)
+    return {"remote": host or True}
