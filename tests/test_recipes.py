@@ -1,0 +1,399 @@
+"""The four recipes against independent plain-PyTorch references, invariants and bad input.
+
+References live in ``tests/support/reference.py`` (forward hooks on the native Hugging Face
+modules, no nnsight, no nnattr kernels). Every recipe runs on a left-padded batch of prompts of
+different lengths; references run each prompt alone, so every parity test is also a padding test.
+Models: ``tests/support/tiny.py`` (2 layers, d_model 32, float32), with their matrices scaled
+by ``SHARPEN`` so logits are O(1) and attention is far from uniform.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+import nnattr
+from nnattr.recipes import attention_rollout, direct_logit_attribution, head_attribution, logit_lens
+from tests.support import reference as ref
+from tests.support import tiny
+
+SHARPEN = 10.0  # random init gives logits ~0.3; x10 on every matrix gives ~3 (Gemma-2's cap is 5)
+TOL = dict(atol=1e-5, rtol=0.0)  # float32 recipe vs float64-from-float32 reference
+PROMPTS = tiny.prompts(3)  # 5, 7 and 4 tokens: a left-padded batch
+TARGETS, DISTRACTORS = ["w5", "w17", "w42"], ["w9", "w3", "w60"]
+HEAD_EXACT = [a for a in tiny.ARCHS if a != "gemma2"]  # Gemma-2 refuses head-level DLA (tested below)
+
+
+def close(actual, expected, **tol):
+    torch.testing.assert_close(actual.double(), torch.as_tensor(expected).double(), **{**TOL, **tol})
+
+
+def ids(prompt: str) -> torch.Tensor:
+    return tiny.tokenizer()(prompt, return_tensors="pt")["input_ids"]  # [1, pos]
+
+
+def token(word: str) -> int:
+    return tiny.tokenizer().convert_tokens_to_ids(word)
+
+
+def build(arch: str, *, attn_implementation: str = "eager"):
+    hf = tiny.hf_model(arch, attn_implementation=attn_implementation)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 2:
+                p.mul_(SHARPEN)
+    return hf
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and lose much on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    """``zoo(arch) -> (hf_model, nnattr_model)``, built once per module (same module objects)."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            hf = build(arch)
+            cache[arch] = hf, nnattr.load(hf, tiny.tokenizer())
+        return cache[arch]
+
+    return get
+
+
+# ----------------------------------------------------------------------------- invariants
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_dla_components_sum_to_the_logit(zoo, arch):
+    hf, model = zoo(arch)
+    for target, distractor in ((None, None), (TARGETS, DISTRACTORS)):
+        result = direct_logit_attribution.run(model, PROMPTS, target, distractor)
+        layers = direct_logit_attribution.run(model, PROMPTS, target, distractor, by="layer")
+        assert result.labels["component"][-1] == "bias"
+        for i, p in enumerate(PROMPTS):
+            t = None if target is None else token(target[i])
+            d = None if distractor is None else token(distractor[i])
+            _, logit = ref.dla_components(hf, ids(p), t, d)  # lm_head's own (pre-soft-cap) logit
+            close(result.values[i].sum(), logit[0])
+            close(layers.values[i].sum(), logit[0])
+            close(torch.tensor(result.meta["logit"][i]), logit[0])
+    if arch == "gemma2":  # the soft-capped sum is the model's output logit
+        cap = hf.config.final_logit_softcapping
+        with torch.no_grad():
+            out = hf(ids(PROMPTS[0])).logits[0, -1]
+        top = direct_logit_attribution.run(model, PROMPTS[0])
+        close(cap * torch.tanh(top.values[0].sum() / cap), out.max())
+
+
+@pytest.mark.parametrize("arch", HEAD_EXACT)
+def test_dla_heads_add_up_to_attention(zoo, arch):
+    hf, model = zoo(arch)
+    components = direct_logit_attribution.run(model, PROMPTS, TARGETS, DISTRACTORS)
+    heads = direct_logit_attribution.run(model, PROMPTS, TARGETS, DISTRACTORS, by="head")
+    positions = direct_logit_attribution.run(model, PROMPTS, TARGETS, DISTRACTORS, by="head_position")
+    attn = [components.labels["component"].index(f"{l}_attn_out") for l in range(hf.config.num_hidden_layers)]
+    for i, p in enumerate(PROMPTS):
+        bias = ref.o_proj_bias_shares(hf, ids(p), token(TARGETS[i]), token(DISTRACTORS[i]))[0]  # [layer]
+        close(heads.values[i].sum(-1) + bias, components.values[i, attn])
+        close(positions[i].values.sum(-1), heads.values[i])
+
+
+# ----------------------------------------------------------------------------- parity with hooks
+
+
+def _dla(by, reference):
+    def check(hf, model):
+        result = direct_logit_attribution.run(model, PROMPTS, TARGETS, DISTRACTORS, by=by)
+        for i, p in enumerate(PROMPTS):
+            expected = reference(hf, ids(p), token(TARGETS[i]), token(DISTRACTORS[i]))
+            close(result[i].values, expected[0][0] if by == "component" else expected[0])
+
+    return check
+
+
+def _logit_lens(hf, model):
+    result = logit_lens.run(model, PROMPTS, positions="all", k=3)
+    for i, p in enumerate(PROMPTS):
+        x = ids(p)
+        with torch.no_grad():
+            top = hf(x).logits[0, -1].argmax()
+        expected = torch.cat([x[0, 1:], top[None]])[None]  # [1, pos]: next token, then the answer
+        prob, rank, top_prob = ref.logit_lens(hf, x, expected, k=3)
+        close(result[i].values, prob[:, 0])
+        assert result.meta["target_rank"][i] == rank[:, 0].tolist()
+        close(torch.tensor(result.meta["top_probs"][i]), top_prob[:, 0])
+
+
+def _head_attribution(hf, model):
+    result = head_attribution.run(model, PROMPTS, TARGETS, DISTRACTORS, by="head_position")
+    heads = head_attribution.run(model, PROMPTS, TARGETS, DISTRACTORS)
+    for i, p in enumerate(PROMPTS):
+        expected = ref.head_attribution(hf, ids(p), token(TARGETS[i]), token(DISTRACTORS[i]))[0]
+        close(result[i].values, expected)
+        close(heads[i].values, expected.sum(-1))
+
+
+def _rollout(hf, model):
+    result = attention_rollout.run(model, PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        close(result[i].values, ref.rollout(hf, ids(p))[0])
+
+
+PARITY = {
+    "dla_component": _dla("component", ref.dla_components),
+    "dla_head": _dla("head", ref.dla_heads),
+    "dla_head_position": _dla("head_position", ref.dla_head_positions),
+    "logit_lens": _logit_lens,
+    "head_attribution": _head_attribution,
+    "attention_rollout": _rollout,
+}
+
+
+@pytest.mark.parametrize("method", PARITY)
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_parity_with_hooks_reference(zoo, arch, method):
+    if arch == "gemma2" and method in ("dla_head", "dla_head_position"):
+        pytest.skip("Gemma-2 refuses head-level DLA (test_head_dla_refused_on_gemma2)")
+    PARITY[method](*zoo(arch))
+
+
+def test_parity_with_transformer_lens(zoo):
+    tl = pytest.importorskip("transformer_lens", reason="transformer_lens is not installed (optional peer parity)")
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    hf, model = zoo("gpt2")
+    c = hf.config
+    cfg = tl.HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head, d_mlp=4 * c.n_embd,
+        d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new", normalization_type="LN", eps=c.layer_norm_epsilon,
+    )
+    hooked = tl.HookedTransformer(cfg)
+    hooked.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=True, center_writing_weights=False,
+                                       center_unembed=False, fold_value_biases=False)
+    result = direct_logit_attribution.run(model, PROMPTS[0], TARGETS[0])
+    _, cache = hooked.run_with_cache(ids(PROMPTS[0]))
+    stack = cache.apply_ln_to_stack(cache.decompose_resid(layer=-1, pos_slice=-1), layer=-1, pos_slice=-1)
+    close(result.values[0, :-1], (stack @ hooked.W_U[:, token(TARGETS[0])])[:, 0], atol=1e-4, rtol=0.0)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+RUNS = {
+    "dla": lambda m, p, **kw: direct_logit_attribution.run(m, p, **kw),
+    "dla_head_position": lambda m, p, **kw: direct_logit_attribution.run(m, p, by="head_position", **kw),
+    "logit_lens": lambda m, p, **kw: logit_lens.run(m, p, positions="all", **kw),
+    "head_attribution": lambda m, p, **kw: head_attribution.run(m, p, by="head_position", **kw),
+    "attention_rollout": lambda m, p, **kw: attention_rollout.run(m, p, **kw),
+}
+
+
+@pytest.mark.parametrize("recipe", RUNS)
+@pytest.mark.parametrize("arch, batch", [("gpt2", "padded"), ("gpt2", "equal"), ("llama", "padded")])
+def test_batch_equals_prompts_one_by_one(zoo, arch, batch, recipe):
+    """GPT-2 has absolute positions (left padding must not shift them; without padding its
+    position embedding has batch size 1); Llama has RoPE and grouped kv heads."""
+    _, model = zoo(arch)
+    prompts = tiny.prompts(3, lengths=(5, 7, 4) if batch == "padded" else (6,))
+    batch = RUNS[recipe](model, prompts)
+    for i, p in enumerate(prompts):
+        alone = RUNS[recipe](model, p)[0]
+        assert batch[i].labels == alone.labels
+        close(batch[i].values, alone.values)
+
+
+@pytest.mark.parametrize("recipe", RUNS)
+def test_chunked_run_equals_unchunked(zoo, recipe):
+    _, model = zoo("llama")
+    whole = RUNS[recipe](model, PROMPTS)
+    chunked = RUNS[recipe](model, PROMPTS, batch_size=1)
+    assert chunked.labels == whole.labels and chunked.tokens == whole.tokens
+    close(chunked.values, whole.values, equal_nan=True)
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_logit_lens_last_layer_is_the_model(zoo, arch):
+    hf, model = zoo(arch)
+    every = logit_lens.run(model, PROMPTS, positions="all")
+    last = logit_lens.run(model, PROMPTS, TARGETS)
+    for i, p in enumerate(PROMPTS):
+        x = ids(p)
+        with torch.no_grad():
+            probs = hf(x).logits[0].softmax(-1)  # [pos, vocab]
+        expected = torch.cat([x[0, 1:], probs[-1].argmax()[None]])
+        close(every[i].values[-1], probs.gather(-1, expected[:, None])[:, 0])
+        close(last.values[i, -1, 0], probs[-1, token(TARGETS[i])])
+
+
+def test_head_attribution_on_frozen_parameters(zoo):
+    hf, model = zoo("gpt2")
+    expected = head_attribution.run(model, PROMPTS, TARGETS)
+    hf.requires_grad_(False)  # as a hosted model: the recipe must start the graph itself
+    try:
+        frozen = head_attribution.run(model, PROMPTS, TARGETS)
+    finally:
+        hf.requires_grad_(True)
+    close(frozen.values, expected.values)
+    assert frozen.values.abs().sum() > 0
+
+
+def test_head_attribution_leaves_no_gradients_on_the_model(zoo):
+    hf, model = zoo("gpt2")
+    hf.zero_grad(set_to_none=True)
+    head_attribution.run(model, PROMPTS, TARGETS)
+    assert [n for n, p in hf.named_parameters() if p.grad is not None] == []
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+WITH_TARGET = [direct_logit_attribution, logit_lens, head_attribution]
+ALL = WITH_TARGET + [attention_rollout]
+
+
+@pytest.mark.parametrize("recipe", WITH_TARGET, ids=lambda r: r.__name__.rsplit(".", 1)[-1])
+def test_bad_targets(zoo, recipe):
+    _, model = zoo("gpt2")
+    with pytest.raises(ValueError, match=r"'w1 w2' is 2 tokens \['w1', 'w2'\]"):
+        recipe.run(model, PROMPTS, "w1 w2")
+    with pytest.raises(ValueError, match="'zzz' is not in the vocabulary"):
+        recipe.run(model, PROMPTS, "zzz")
+    with pytest.raises(ValueError, match="2 targets for 3 prompts"):
+        recipe.run(model, PROMPTS, TARGETS[:2])
+    if recipe is not logit_lens:
+        with pytest.raises(ValueError, match="1 distractors for 3 prompts"):
+            recipe.run(model, PROMPTS, "w5", ["w9"])
+
+
+@pytest.mark.parametrize("recipe", ALL, ids=lambda r: r.__name__.rsplit(".", 1)[-1])
+def test_bad_prompts(zoo, recipe):
+    _, model = zoo("gpt2")
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        recipe.run(model, ["w1 w2", "  "])
+    with pytest.raises(ValueError, match=r"prompt 0 has tokens not in the vocabulary: \['zzz'\]"):
+        recipe.run(model, ["w1 zzz w2"])
+    with pytest.raises(ValueError, match="no prompts given"):
+        recipe.run(model, [])
+
+
+def test_rollout_and_position_dla_refuse_sdpa():
+    model = nnattr.load(build("llama", attn_implementation="sdpa"), tiny.tokenizer(), attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="'sdpa' attention.*attn_implementation='eager'"):
+        attention_rollout.run(model, PROMPTS)
+    with pytest.raises(ValueError, match="'sdpa' attention.*attn_implementation='eager'"):
+        direct_logit_attribution.run(model, PROMPTS, by="head_position")
+
+
+@pytest.mark.parametrize("by", ["head", "head_position"])
+def test_head_dla_refused_on_gemma2(zoo, by):
+    _, model = zoo("gemma2")
+    with pytest.raises(ValueError, match="not exact on Gemma-2.*by='component'"):
+        direct_logit_attribution.run(model, PROMPTS, by=by)
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(num_hidden_layers=1, hidden_size=8, ffn_dim=8, num_attention_heads=2, vocab_size=tiny.VOCAB,
+                       max_position_embeddings=16, word_embed_proj_dim=8)
+    supported = "gemma, gemma2, gpt2, gpt_neox, llama, mistral, qwen2"
+    message = rf"model_type='opt'.*Supported: {supported}.*docs/architectures\.md"
+    with pytest.raises(ValueError, match=message):
+        nnattr.load(OPTForCausalLM(config), tiny.tokenizer())
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        nnattr.load(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- result type
+
+
+RESULTS = {
+    "dla": lambda m: direct_logit_attribution.run(m, PROMPTS, by="head_position"),
+    "logit_lens": lambda m: logit_lens.run(m, PROMPTS, positions="all"),
+    "head_attribution": lambda m: head_attribution.run(m, PROMPTS),
+    "attention_rollout": lambda m: attention_rollout.run(m, PROMPTS),
+}
+
+
+@pytest.mark.parametrize("name", RESULTS)
+def test_result_type(zoo, name):
+    _, model = zoo("gpt2")
+    result = RESULTS[name](model)
+    assert result.dims[0] == "prompt" and result.labels["prompt"] == PROMPTS and len(result) == 3
+    for dim, size in zip(result.dims, result.shape):
+        assert len(result.labels[dim]) == size
+    top = result.top(4)
+    assert len(top) == 4 and [abs(v) for _, v in top] == sorted((abs(v) for _, v in top), reverse=True)
+    for labels, value in top:
+        index = tuple(result.labels[d].index(label) for d, label in zip(result.dims, labels))
+        assert result.values[index].item() == value
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    flat = torch.tensor([math.nan if v is None else v for v in _flatten(data["values"])], dtype=torch.float64)
+    close(flat.view(result.shape), result.values, equal_nan=True, atol=0.0, rtol=0.0)
+    for i, p in enumerate(PROMPTS):
+        one, n = result[i], len(p.split())
+        assert one.dims == result.dims[1:] and not one.values.isnan().any()
+        for axis, dim in enumerate(one.dims):
+            if dim in ("position", "query", "key"):
+                assert one.labels[dim] == [f"{j}:{w}" for j, w in enumerate(p.split())] and one.shape[axis] == n
+    close(result.mean().values, result.values.double().nanmean(0), equal_nan=True)
+
+
+def _flatten(x):
+    return [v for item in x for v in _flatten(item)] if isinstance(x, list) else [x]
+
+
+@pytest.mark.parametrize("name", RESULTS)
+def test_result_holds_no_autograd_graph(zoo, name):
+    result = RESULTS[name](zoo("gpt2")[1])
+    assert not result.values.requires_grad and result.values.grad_fn is None
+
+
+def test_logit_lens_last_position_indexes(zoo):
+    _, model = zoo("gpt2")
+    result = logit_lens.run(model, PROMPTS)  # positions="last": one position per prompt, not its tokens
+    one = result[1]
+    assert one.dims == ("layer", "position") and one.labels["position"] == ["last"]
+    close(one.values, result.values[1])
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def test_load_switches_sdpa_to_eager():
+    hf = build("llama", attn_implementation="sdpa")
+    with pytest.warns(UserWarning, match="from 'sdpa' to 'eager'"):
+        model = nnattr.load(hf, tiny.tokenizer())
+    assert model.config._attn_implementation == "eager" == hf.config._attn_implementation
+    result = attention_rollout.run(model, PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        close(result[i].values, ref.rollout(hf, ids(p))[0])
+
+
+def test_load_saved_folder_offline(zoo, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    hf, model = zoo("gpt2")
+    hf.save_pretrained(tmp_path)
+    tiny.tokenizer().save_pretrained(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = nnattr.load(str(tmp_path))
+    assert not [w for w in caught if "switched" in str(w.message)]  # eager was saved: nothing to switch
+    assert loaded.config._attn_implementation == "eager"
+    close(direct_logit_attribution.run(loaded, PROMPTS).values, direct_logit_attribution.run(model, PROMPTS).values)
