@@ -63,17 +63,24 @@ def run(
             for j, pos in _entries(node, d, width, None if candidates is None else candidates[node], k)
             if pos is None or -pos <= overlap[i]]  # pos: offset from the last token
 
+    # Remotely every forward of the run goes in one session (one request, one queue wait);
+    # locally each chunk is its own session, so memory back-off still works per forward.
+    rows = batch_size or len(jobs)
+
     def step(start, chunk):
-        return _trace(model, *_plan(p, chunk, d), metric=p.metric, remote=remote, backend=backend)
+        plans = [_plan(p, chunk[i : i + rows], d) for i in range(0, len(chunk), rows)]
+        return _session(model, plans, metric=p.metric, remote=remote, backend=backend)
 
     patched = {node: torch.full((len(p), len(node_labels(node, d)["node"]), width), float("nan")) for node in p.nodes}
     base = torch.full((2, len(p)), float("nan"))  # [clean / corrupted, pair]
-    for _, chunk, out in map_chunks(step, jobs, batch_size=batch_size, desc="activation patching",
-                                    model=model, remote=remote, backend=backend):
-        owners = list(dict.fromkeys(i for i, *_ in chunk))  # rows: clean, corrupted of each, then patched
-        base[:, owners] = out[: 2 * len(owners)].reshape(2, len(owners))
-        for (i, node, j, pos), value in zip(chunk, out[2 * len(owners) :]):
-            patched[node][i, j, -1 if pos is None else pos] = value
+    for _, chunk, outs in map_chunks(step, jobs, batch_size=None if remote else batch_size,
+                                     desc="activation patching", model=model, remote=remote, backend=backend):
+        for i0, out in zip(range(0, len(chunk), rows), outs):
+            forward = chunk[i0 : i0 + rows]
+            owners = list(dict.fromkeys(i for i, *_ in forward))  # rows: clean, corrupted of each, then patched
+            base[:, owners] = out[: 2 * len(owners)].reshape(2, len(owners))
+            for (i, node, j, pos), value in zip(forward, out[2 * len(owners) :]):
+                patched[node][i, j, -1 if pos is None else pos] = value
     values = {}
     for node, v in patched.items():
         v = v if positional(node) else v[..., -1]  # [pair, node(, position)]
@@ -82,26 +89,32 @@ def run(
     return p.results(values, base, d, method="activation_patching", units="recovery")
 
 
-def _trace(model, prompts, sites, answer, distractor, *, metric, remote, backend):
-    # Plain values only inside the trace. sites[layer]: {site: (rows, source, positions, channels)}.
-    with torch.no_grad(), model.trace(prompts, remote=remote, backend=backend):
-        for layer, plan in zip(model.layers, sites):  # forward order within a layer: resid, head, attn, mlp
-            if "resid" in plan:
-                x = layer.input  # [rows, pos, d_model]
-                x[plan["resid"][0]] = patched_rows(x, *plan["resid"])
-            if "head" in plan:
-                z = layer.attn.o_proj.input  # [rows, pos, head * d_head]
-                z[plan["head"][0]] = patched_rows(z, *plan["head"])
-            if "attn" in plan:
-                a = first(layer.attn_out.output)
-                a[plan["attn"][0]] = patched_rows(a, *plan["attn"])
-            if "mlp" in plan:
-                o = layer.mlp_out.output
-                o[plan["mlp"][0]] = patched_rows(o, *plan["mlp"])
-        logits = model.output.logits  # [rows, pos, vocab]
-        values = logit_diff(logits, answer, distractor) if metric is None else metric(logits).float()
-        out = nnsight.save(values.cpu())
-    return out
+def _session(model, plans, *, metric, remote, backend):
+    # Plain values only inside: it may run on a server. Each plan is one forward:
+    # (prompts, sites, answer, distractor); sites[layer]: {site: (rows, source, positions, channels)}.
+    # One statement per line before each nested `with`: the server recompiles this block.
+    with torch.no_grad(), model.session(remote=remote, backend=backend):
+        outs = list()
+        for prompts, sites, answer, distractor in plans:
+            with model.trace(prompts):
+                for layer, plan in zip(model.layers, sites):  # forward order: resid, head, attn, mlp
+                    if "resid" in plan:
+                        x = layer.input  # [rows, pos, d_model]
+                        x[plan["resid"][0]] = patched_rows(x, *plan["resid"])
+                    if "head" in plan:
+                        z = layer.attn.o_proj.input  # [rows, pos, head * d_head]
+                        z[plan["head"][0]] = patched_rows(z, *plan["head"])
+                    if "attn" in plan:
+                        a = first(layer.attn_out.output)
+                        a[plan["attn"][0]] = patched_rows(a, *plan["attn"])
+                    if "mlp" in plan:
+                        o = layer.mlp_out.output
+                        o[plan["mlp"][0]] = patched_rows(o, *plan["mlp"])
+                logits = model.output.logits  # [rows, pos, vocab]
+                values = logit_diff(logits, answer, distractor) if metric is None else metric(logits).float()
+                outs.append(values.cpu())
+        outs = nnsight.save(outs)
+    return outs
 
 
 def _plan(p, jobs, d):

@@ -444,7 +444,8 @@ if ndif is not None:
     (attribution_patching, dict(nodes=NODES)),
     (attribution_patching, dict(nodes=("head", "resid"), method="ig", steps=2)),
     (activation_patching, dict(nodes=("resid", "attn", "head"), batch_size=None)),
-], ids=["atp", "ig", "exact"])
+    (activation_patching, dict(nodes=("resid", "attn", "head"), batch_size=8)),  # many forwards, one session
+], ids=["atp", "ig", "exact", "exact-session"])
 def test_remote_equals_local_in_one_request(server, recipe, kwargs):
     local = recipe.run(REMOTE_CLIENT, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, **kwargs)
     before = len(server.requests)
