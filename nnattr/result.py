@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
@@ -44,8 +43,8 @@ class Attribution:
             if labels is None or len(labels) != self.values.shape[i]:
                 got = None if labels is None else len(labels)
                 raise ValueError(f"dimension {dim!r} has size {self.values.shape[i]} but {got} labels")
-        object.__setattr__(self, "labels", MappingProxyType({d: list(self.labels[d]) for d in self.dims}))
-        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+        object.__setattr__(self, "labels", {d: list(self.labels[d]) for d in self.dims})
+        object.__setattr__(self, "meta", dict(self.meta))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -94,6 +93,7 @@ class Attribution:
         return [
             (tuple(self.labels[d][int(j)] for d, j in zip(self.dims, row)), float(v))
             for v, row in zip(values, index)
+            if not math.isnan(v)  # fewer than k real entries: padding never fills the list
         ]
 
     def to_dict(self) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def run(
 
 def _trace(model, prompts, key_mask, *, view, residual, head_fusion, norm, layout, n_heads, n_kv, d_head,
            remote, backend):
-    with model.trace(prompts, remote=remote, backend=backend):
+    with torch.no_grad(), model.trace(prompts, remote=remote, backend=backend):
         mask = key_mask.to(model.layers[0].input.device)
         state = None
         for layer in model.layers:

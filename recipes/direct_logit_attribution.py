@@ -113,7 +113,7 @@ def _trace(model, prompts, *, by, spec, d, target, distractor, remote, backend):
     n_heads, n_kv, d_head, conv1d, layout = d.n_heads, d.n_kv_heads, d.d_head, spec.o_proj_conv1d, spec.value_layout
     heads, positions = by in ("head", "head_position"), by == "head_position"
 
-    with model.trace(prompts, remote=remote, backend=backend):
+    with torch.no_grad(), model.trace(prompts, remote=remote, backend=backend):
         writes = [first(getattr(model, name).output)[:, -1] for name in embed_names]
         z, W_O, rows, values = [], [], [], []
         for layer in model.layers:

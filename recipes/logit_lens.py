@@ -61,7 +61,7 @@ def run(
         return _trace(model, chunk, expected, last_target, positions=positions, k=k,
                       cap=d.logit_softcap, remote=remote, backend=backend)
 
-    probs, ranks, top_ids, top_probs = [], [], [], []
+    probs, ranks, top_ids, top_probs, answers = [], [], [], [], []
     for start, chunk, out in map_chunks(step, prompts, batch_size=batch_size, desc="logit lens",
                                         model=model, remote=remote, backend=backend):
         rows = ids[start : start + len(chunk)]
@@ -71,6 +71,7 @@ def run(
             ranks.append(out["rank"][:, b, -keep:])
             top_ids.append(out["top_id"][:, b, -keep:].tolist())  # [layer][pos][k] per prompt
             top_probs.append(out["top_prob"][:, b, -keep:].tolist())
+        answers += out["target"].tolist()
 
     width = max(p.shape[-1] for p in probs)
     if positions == "all":
@@ -81,6 +82,7 @@ def run(
     meta = {
         "method": "logit_lens",
         "positions": positions,
+        "target": [model.tokenizer.decode([t]) for t in answers],
         "top_tokens": [[[decode(cell) for cell in row] for row in per_layer] for per_layer in top_ids],
         "top_probs": top_probs,
         "target_rank": [r.tolist() for r in ranks],
@@ -96,7 +98,7 @@ def run(
 
 def _trace(model, prompts, expected, last_target, *, positions, k, cap, remote, backend):
     every = positions == "all"
-    with model.trace(prompts, remote=remote, backend=backend):
+    with torch.no_grad(), model.trace(prompts, remote=remote, backend=backend):
         states = [model.layers[0].input] + [first(layer.output) for layer in model.layers]
         want = (expected if every else expected[:, -1:]).to(states[0].device)  # [batch, pos]
         cells, last = [], []
@@ -118,6 +120,7 @@ def _trace(model, prompts, expected, last_target, *, positions, k, cap, remote, 
             "prob": prob.detach().cpu(),
             "rank": rank.cpu(),
             "top_id": torch.cat([c["top_id"] for c in cells]).reshape(shape + (k,)).cpu(),
+            "target": answer.detach().cpu(),
             "top_prob": torch.cat([c["top_prob"] for c in cells]).reshape(shape + (k,)).detach().cpu(),
         })
     return out

@@ -1,0 +1,6 @@
+"""``python -m nnattr``: the ``nnattr`` command."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

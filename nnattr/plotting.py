@@ -1,0 +1,391 @@
+"""Figures for attribution results: ``plot`` picks the picture from the result's dimensions.
+
+=============================  ===========================================================
+dimensions (after ``single``)  picture
+=============================  ===========================================================
+``layer, head``                layer × head heatmap, diverging colours centred at 0
+``component`` / ``layer``      bar chart (TransformerLens labels: ``embed``, ``3_attn_out``)
+``layer, position`` (lens)     table coloured by probability, top token written in each cell
+``query, key``                 attention map over the prompt's tokens
+``head, query, key`` (flow)    each head's map for the last query token
+``layer, head, position``      token strip: all heads summed, then the top heads
+``position``                   token strip
+``node`` (patching)            layer × head heatmap for heads (``L3H7``), bars otherwise
+``node, position`` (patching)  node × position heatmap over the prompt's tokens
+=============================  ===========================================================
+
+Figures are ``matplotlib.figure.Figure`` objects built without ``pyplot``: nothing is shown,
+no backend is switched, and ``fig.savefig("x.png")`` renders with Agg. Notebooks display them.
+
+>>> fig = result.plot()  # doctest: +SKIP
+>>> fig.savefig("dla.png")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+
+import numpy as np
+from matplotlib import colormaps, colors
+from matplotlib.figure import Figure
+
+DIVERGING, SEQUENTIAL = "RdBu_r", "Blues"
+_HEAD = re.compile(r"L(\d+)H(\d+)")
+_OWN = "nnattr"  # the label of figures plot() made itself
+
+# method (before "[") -> (title, unit of one value: the colour bar or axis label)
+_METHODS = {
+    "direct_logit_attribution": ("Direct logit attribution", "direct effect (logits)"),
+    "head_attribution": ("Head attribution (gradient × activation)", "first-order effect (logits)"),
+    "logit_lens": ("Logit lens", "probability"),
+    "attention_rollout": ("Attention rollout", "rollout weight"),
+    "attention_value_weighted": ("Value-weighted attention rollout", "rollout weight"),
+    "attention_flow": ("Attention flow (per head)", "flow weight"),
+    "attribution_patching": ("Attribution patching", "estimated effect (metric)"),
+    "activation_patching": ("Activation patching", "recovered fraction"),
+}
+_SCORED = ("direct_logit_attribution", "head_attribution", "attribution_patching", "activation_patching")
+
+
+def plot(attr, ax=None, **kw) -> Figure:
+    """Draw ``attr`` (one prompt, or the mean over many) and return the figure.
+
+    Options: ``title`` (replaces the generated title), ``top`` (heads listed in a token
+    strip, default 8), ``annotate`` (write values in the cells; default when they fit).
+    """
+    a = _node_grid(attr.single())
+    dims = tuple(a.dims)
+    if dims == ("layer", "head"):
+        return _heatmap(a, ax, signed=True, **kw)
+    if dims in (("component",), ("layer",), ("node",)):
+        return _bars(a, ax, **kw)
+    if dims == ("layer", "position") and _base(a) == "logit_lens":
+        return _lens(a, ax, **kw)
+    if dims == ("query", "key"):
+        return _attention(a, ax, **kw)
+    if dims == ("head", "query", "key"):
+        return _flow(a, ax, **kw)
+    if dims == ("layer", "head", "position"):
+        return _head_strip(a, ax, **kw)
+    if dims == ("position",):
+        return _strip(a, _np(a.values)[None], ["score"], ax, **kw)
+    if len(dims) == 1:
+        return _bars(a, ax, **kw)
+    if len(dims) == 2:
+        return _heatmap(a, ax, signed=bool(np.nanmin(_np(a.values)) < 0), **kw)
+    raise ValueError(f"no picture for dimensions {dims}: select or reduce to one or two dimensions first")
+
+
+def _node_grid(a):
+    """Patching results label heads ``L3H7`` along one ``node`` axis: as a layer × head grid."""
+    labels = a.labels.get("node", [])
+    if a.dims != ("node",) or not labels or not all(_HEAD.fullmatch(x) for x in labels):
+        return a
+    pairs = [tuple(map(int, _HEAD.fullmatch(x).groups())) for x in labels]
+    n_layers, n_heads = max(p[0] for p in pairs) + 1, max(p[1] for p in pairs) + 1
+    if len(set(pairs)) != n_layers * n_heads or len(pairs) != n_layers * n_heads:
+        return a
+    grid = a.values.new_full((n_layers, n_heads), float("nan"))  # [layer, head]
+    for (layer, head), v in zip(pairs, a.values):
+        grid[layer, head] = v
+    labels = {"layer": [f"L{i}" for i in range(n_layers)], "head": [f"H{h}" for h in range(n_heads)]}
+    return type(a)(grid, ("layer", "head"), labels, a.meta)
+
+
+def describe(attr) -> tuple[str, str]:
+    """``(title, unit)`` of a result: the method in words, the metric, and what a value means."""
+    meta = attr.meta
+    name, unit = _METHODS.get(_base(attr), (str(meta.get("method", "Attribution")), "value"))
+    by = str(meta.get("method", ""))
+    if "[" in by and _base(attr) == "attribution_patching":
+        name += f" ({by[by.index('[') + 1 : -1]})"
+    elif "[" in by:
+        name += " by " + by[by.index("[") + 1 : -1].replace("_", " and ")
+    if "node_type" in meta:
+        name += f" · {meta['node_type']} nodes"
+    n = meta.get("n_prompts")
+    if _base(attr) not in _SCORED:
+        return name + (f" · mean over {n} prompts" if n else ""), unit
+    where = f"mean over {n} prompts" if n else "last position"
+    return f"{name}\nmetric: {_metric(meta)} · {where}", unit
+
+
+def _metric(meta) -> str:
+    target, distractor = meta.get("target", meta.get("answer")), meta.get("distractor")
+    if isinstance(target, str):
+        logit = f"logit({_quote(target)})"
+        return f"{logit} − logit({_quote(distractor)})" if isinstance(distractor, str) else logit
+    return "logit difference" if distractor is not None else "the target logit"
+
+
+def _quote(token: str) -> str:
+    return "'" + token.replace("\n", "\\n") + "'"
+
+
+def _base(attr) -> str:
+    return str(attr.meta.get("method", "")).split("[")[0]
+
+
+def _np(values) -> np.ndarray:
+    return values.detach().float().cpu().numpy()
+
+
+def _figure(ax, width: float, height: float):
+    """A new figure sized for the data (at least room for a title and a colour bar), or ``ax``'s."""
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=(min(max(width, 6.0), 30), min(max(height, 3.0), 30)), layout="constrained")
+    fig.set_label(_OWN)
+    return fig, fig.add_subplot()
+
+
+def _title(ax, text: str) -> None:
+    """The title, each line wrapped to the figure's width. On a figure of our own it is centred
+    on the figure (colour bars push the axes aside), on a caller's axes it is the axes title."""
+    fig = ax.figure
+    chars = max(40, int(fig.get_figwidth() * 10))  # about 10 characters per inch at 10 pt
+    text = "\n".join(textwrap.fill(line, chars) for line in text.splitlines())
+    if fig.get_label() == _OWN:
+        fig.suptitle(text, fontsize=10)
+    else:
+        ax.set_title(text, fontsize=10)
+
+
+def _signed_norm(values: np.ndarray) -> colors.Normalize:
+    """Symmetric limits, so 0 is the white middle of the diverging map whatever the data."""
+    vmax = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0.0
+    vmax = vmax or 1e-12
+    return colors.Normalize(-vmax, vmax)
+
+
+def _display(token: str) -> str:
+    """A vocabulary piece as a reader writes it: byte-level and sentencepiece space markers
+    dropped (``"ĠMary"``, ``"▁Mary"`` -> ``"Mary"``), newlines shown as ``⏎``."""
+    token = token.replace("Ċ", "⏎").replace("\n", "⏎").lstrip("Ġ▁").strip()
+    return token or "␣"
+
+
+def _token(label: str) -> str:
+    """``"3:John"`` (one prompt's position label) -> ``"John"``; other labels unchanged."""
+    head, sep, tail = label.partition(":")
+    return tail if sep and head.isdigit() else label
+
+
+def _ticks(ax, axis: str, labels: list[str], *, rotate: bool = False, size: float = 8) -> None:
+    """Every label when they fit (~60), otherwise an even subset."""
+    step = max(1, math.ceil(len(labels) / 60))
+    where = list(range(0, len(labels), step))
+    shown = [labels[i] for i in where]
+    if axis == "x":
+        ax.set_xticks(where, shown, rotation=90 if rotate else 0, fontsize=size)
+    else:
+        ax.set_yticks(where, shown, fontsize=size)
+
+
+def _fmt(values: np.ndarray, signed: bool = True) -> str:
+    """A format with two significant digits for the largest value: ``+0.015``, ``+2.1``."""
+    vmax = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0.0
+    decimals = min(4, max(0, 1 - math.floor(math.log10(vmax)))) if vmax > 0 else 2
+    return "{:" + ("+" if signed else "") + f".{decimals}f" + "}"
+
+
+def _annotate(ax, values: np.ndarray, norm, cmap, *, signed: bool = True, size: float = 7, offset: int = 0) -> None:
+    cm, fmt = colormaps[cmap], _fmt(values, signed)
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            text = fmt.format(v)
+            text = "0" if float(text) == 0 else text  # not "+0.0" / "-0.0": less noise around the big cells
+            ax.text(j, i + offset, text, ha="center", va="center", fontsize=size,
+                    color=_ink(cm(norm(v))), in_layout=False)  # inside the cells: nothing for the layout to fit
+
+
+def _ink(rgba) -> str:
+    """Black text on light cells, white on dark ones."""
+    r, g, b = rgba[:3]
+    return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
+
+
+def _colorbar(fig, image, ax, unit: str) -> None:
+    bar = fig.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
+    bar.set_label(unit, fontsize=9)
+
+
+def _heatmap(a, ax, *, signed: bool, title=None, annotate=None, **_) -> Figure:
+    values = _np(a.values)  # [row, col]
+    rows, cols = (a.labels[d] for d in a.dims)
+    fig, ax = _figure(ax, max(5.5, 2.6 + 0.45 * len(cols)), max(3.0, 1.6 + 0.34 * len(rows)))
+    norm = _signed_norm(values) if signed else colors.Normalize(0, max(float(np.nanmax(values)), 1e-12))
+    cmap = DIVERGING if signed else SEQUENTIAL
+    image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    if annotate if annotate is not None else values.size <= 160 and len(cols) <= 16:
+        _annotate(ax, values, norm, cmap, signed=signed)
+    positional = a.dims[1] in ("position", "key")
+    _ticks(ax, "x", [_token(c) for c in cols] if positional else cols, rotate=positional or len(cols) > 16)
+    _ticks(ax, "y", rows)
+    patched = positional and _base(a) in ("attribution_patching", "activation_patching")
+    ax.set_xlabel("position (corrupted prompt's tokens)" if patched else a.dims[1])
+    ax.set_ylabel(a.dims[0])
+    text, unit = describe(a)
+    _title(ax, title or text)
+    _colorbar(fig, image, ax, unit)
+    return fig
+
+
+def _bars(a, ax, *, title=None, annotate=None, **_) -> Figure:
+    values = _np(a.values)
+    labels = a.labels[a.dims[0]]
+    fig, ax = _figure(ax, max(5.0, 1.5 + 0.3 * len(labels)), 4.2)
+    norm = _signed_norm(values)
+    cm = colormaps[DIVERGING]
+    # Bar colours from the heatmaps' diverging map, saturated enough to see small bars.
+    fill = [cm(0.5 + 0.5 * max(0.35, abs(norm(v) - 0.5) * 2) * (1 if v >= 0 else -1)) for v in values]
+    ax.bar(range(len(values)), values, color=fill, edgecolor="0.3", linewidth=0.5)
+    ax.axhline(0, color="0.2", linewidth=0.8)
+    if annotate if annotate is not None else len(values) <= 24:
+        fmt = _fmt(values)
+        for i, v in enumerate(values):
+            text = fmt.format(v)
+            ax.annotate("0" if float(text) == 0 else text, (i, v), xytext=(0, 3 if v >= 0 else -3),
+                        textcoords="offset points", ha="center", va="bottom" if v >= 0 else "top", fontsize=7)
+        ax.margins(y=0.15)
+    ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 8 else 0, fontsize=8)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    text, unit = describe(a)
+    total = float(np.nansum(values))
+    if _base(a) == "direct_logit_attribution":
+        text += f"\nsum of the bars = {total:+.3f}"
+        if isinstance(a.meta.get("logit"), float):
+            text += f" (model: {a.meta['logit']:+.3f})"
+    _title(ax, title or text)
+    ax.set_ylabel(unit, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _lens(a, ax, *, title=None, **_) -> Figure:
+    values = _np(a.values)  # [layer, position]
+    layers, positions = a.labels["layer"], a.labels["position"]
+    top = a.meta.get("top_tokens")  # [layer][position][k] for one prompt
+    ranks = a.meta.get("target_rank")  # [layer][position]
+    one = isinstance(top, list) and len(top) == len(layers) and isinstance(top[0][0], list)
+    fig, ax = _figure(ax, 2.4 + 0.62 * len(positions), 1.6 + 0.34 * len(layers))
+    norm = colors.Normalize(0, 1)
+    image = ax.imshow(values, cmap=SEQUENTIAL, norm=norm, aspect="auto", origin="lower", interpolation="nearest")
+    if one:
+        cm = colormaps[SEQUENTIAL]
+        size = 7 if len(positions) <= 24 else 6
+        cell = 72 * (fig.get_figwidth() - 2.4) / len(positions)  # points per column
+        width = max(3, min(12, int(cell / (0.7 * size))))  # characters that fit (bold, wide letters)
+        for (i, j), v in np.ndenumerate(values):
+            word = _display(str(top[i][j][0]))
+            word = word if len(word) <= width else word[: width - 1] + "…"
+            hit = ranks is not None and ranks[i][j] == 0
+            ax.text(j, i, word, ha="center", va="center", fontsize=size, in_layout=False,
+                    color=_ink(cm(norm(v if np.isfinite(v) else 0))),
+                    fontweight="bold" if hit else "normal")
+    _ticks(ax, "x", [_token(p) for p in positions], rotate=True)
+    _ticks(ax, "y", layers)
+    ax.set_xlabel("input token (position)")
+    ax.set_ylabel("residual stream after")
+    if one and len(positions) > 1:
+        expected = [_token(p) for p in positions[1:]] + [str(a.meta.get("target", "target")).strip()]
+        top_ax = ax.secondary_xaxis("top")
+        top_ax.set_xticks(range(len(expected)), expected, rotation=90, fontsize=7, color="0.35")
+        top_ax.set_xlabel("expected next token", fontsize=8, color="0.35")
+    name = "Logit lens: each layer's residual decoded by the final norm and unembedding"
+    if one:
+        how = "cell text: top prediction (bold when it is the expected next token); colour: P(expected token)"
+    else:
+        n = a.meta.get("n_prompts")
+        how = "colour: probability of the expected next token" + (f" · mean over {n} prompts" if n else "")
+    _title(ax, title or f"{name}\n{how}")
+    _colorbar(fig, image, ax, "probability of the expected token")
+    return fig
+
+
+def _attention(a, ax, *, title=None, **_) -> Figure:
+    values = _np(a.values)  # [query, key]
+    tokens = [_token(t) for t in a.labels["query"]]
+    n = len(tokens)
+    fig, ax = _figure(ax, 2.6 + 0.24 * n, max(4.0, 2.0 + 0.22 * n))
+    vmax = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+    # Square-root scale: rollout piles mass on the first token; this keeps the rest visible.
+    norm = colors.PowerNorm(0.5, vmin=0, vmax=vmax or 1.0)
+    shown = np.where(np.tril(np.ones_like(values, dtype=bool)), values, np.nan)
+    image = ax.imshow(shown, cmap=SEQUENTIAL, norm=norm, interpolation="nearest")
+    _ticks(ax, "x", tokens, rotate=True)
+    _ticks(ax, "y", tokens)
+    ax.set_xlabel("key (input token it draws on)")
+    ax.set_ylabel("query (token being represented)")
+    text, unit = describe(a)
+    meta = a.meta
+    detail = f"residual {meta['residual']}, heads fused by {meta['head_fusion']}" if "residual" in meta else ""
+    _title(ax, title or f"{text}\n{detail} · colour: square-root scale".strip(" ·"))
+    _colorbar(fig, image, ax, unit)
+    return fig
+
+
+def _flow(a, ax, *, title=None, **_) -> Figure:
+    values = _np(a.values)[:, -1, :]  # [head, key] for the last query
+    tokens = [_token(t) for t in a.labels["key"]]
+    fig, ax = _figure(ax, 2.6 + 0.3 * len(tokens), 1.8 + 0.3 * len(a.labels["head"]))
+    image = ax.imshow(values, cmap=SEQUENTIAL, norm=colors.Normalize(0, float(np.nanmax(values)) or 1.0),
+                      aspect="auto", interpolation="nearest")
+    _ticks(ax, "x", tokens, rotate=True)
+    _ticks(ax, "y", a.labels["head"])
+    ax.set_xlabel("key (input token)")
+    ax.set_ylabel("head (last layer)")
+    text, unit = describe(a)
+    _title(ax, title or f"{text}\nlast query token ({tokens[-1]!r})")
+    _colorbar(fig, image, ax, unit)
+    return fig
+
+
+def _head_strip(a, ax, *, top: int = 8, **kw) -> Figure:
+    values = _np(a.values)  # [layer, head, position]
+    layers, heads = a.labels["layer"], a.labels["head"]
+    flat = values.reshape(-1, values.shape[-1])  # [(layer head), position]
+    names = [f"{layer}{head}" for layer in layers for head in heads]
+    order = np.argsort(-np.abs(np.nansum(flat, -1)))[:top]
+    return _strip(a, flat[order], [names[i] for i in order], ax, total=np.nansum(flat, 0), **kw)
+
+
+def _strip(a, rows: np.ndarray, names: list[str], ax, *, total=None, title=None, annotate=None, **_) -> Figure:
+    """Per-position scores as coloured cells under the prompt's tokens, one row per series.
+
+    ``total`` (optional) is drawn as a first row on its own colour scale: a sum over many
+    series would otherwise wash out the series below it.
+    """
+    tokens = [_token(t) for t in a.labels["position"]]
+    n_rows = len(names) + (total is not None)
+    fig, ax = _figure(ax, 3.2 + 0.5 * len(tokens), 1.6 + 0.36 * n_rows)
+    label = annotate if annotate is not None else len(tokens) <= 24
+    text, unit = describe(a)
+    blocks = [(rows, 0, unit)]  # (values [row, position], first row, colour bar label)
+    if total is not None:
+        blocks = [(total[None], 0, f"all heads: {unit}"), (rows, 1, f"per head: {unit}")]
+    for block, start, bar_label in blocks:
+        norm = _signed_norm(block)
+        extent = (-0.5, len(tokens) - 0.5, start + len(block) - 0.5, start - 0.5)
+        image = ax.imshow(block, cmap=DIVERGING, norm=norm, aspect="auto", interpolation="nearest", extent=extent)
+        if label:
+            _annotate(ax, block, norm, DIVERGING, size=6, offset=start)
+        _colorbar(fig, image, ax, bar_label)
+    ax.set_ylim(n_rows - 0.5, -0.5)
+    _ticks(ax, "x", tokens, rotate=True)
+    _ticks(ax, "y", (["all heads"] if total is not None else []) + names)
+    if total is not None:
+        ax.axhline(0.5, color="0.2", linewidth=1.5)
+    if total is not None:
+        ax.set_xlabel("source token (position read from)")
+        how = f"per source position · row 1: every head summed (own colour scale), then the top {len(names)} heads"
+        text = f"{text}\n{how}"
+    else:
+        ax.set_xlabel("token (position)")
+    _title(ax, title or text)
+    return fig
+
+
+__all__ = ["plot", "describe", "DIVERGING", "SEQUENTIAL"]
