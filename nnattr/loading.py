@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -95,16 +94,3 @@ def require_probabilities(model, method: str) -> None:
             f"or call model._module.set_attn_implementation('eager') first."
         )
 
-
-@contextlib.contextmanager
-def frozen(model):
-    """Parameters frozen for the duration, then restored: gradient recipes differentiate
-    activations only, so no ``.grad`` lands on the model and the backward skips weight gradients."""
-    thawed = [p for p in model.parameters() if p.requires_grad]
-    for p in thawed:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p in thawed:
-            p.requires_grad_(True)

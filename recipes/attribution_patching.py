@@ -32,7 +32,6 @@ from nnattr.kernels import (  # by name, not the module: docs/remote.md
     attribution_scores, first, interpolate, logit_diff, overlap_mask, pair_delta, path_gradient,
 )
 from nnattr.arch import dims
-from nnattr.loading import frozen
 from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, map_chunks, token_ids, tokens_of
 from nnattr.result import Attribution
 
@@ -69,13 +68,12 @@ def run(
     def step(start, chunk):
         index = slice(start, start + len(chunk))
         length = max(max(p.lengths(0)[index]), max(p.lengths(1)[index]))
-        with frozen(model):  # gradients of activations only; none land on the weights
-            return _trace(
-                model, p.clean[index] + p.corrupted[index] * (1 + m), sites=sites, n_heads=d.n_heads,
-                mask=overlap_mask(torch.tensor(p.lengths(0)[index]), torch.tensor(p.lengths(1)[index]), length),
-                alphas=alphas, metric=p.metric, answer=p.ids("answer", index), distractor=p.ids("distractor", index),
-                remote=remote, backend=backend,
-            )
+        return _trace(
+            model, p.clean[index] + p.corrupted[index] * (1 + m), sites=sites, n_heads=d.n_heads,
+            mask=overlap_mask(torch.tensor(p.lengths(0)[index]), torch.tensor(p.lengths(1)[index]), length),
+            alphas=alphas, metric=p.metric, answer=p.ids("answer", index), distractor=p.ids("distractor", index),
+            remote=remote, backend=backend,
+        )
 
     width, scores, metrics = max(p.lengths(1)), {node: [] for node in p.nodes}, []
     for start, chunk, out in map_chunks(step, p.clean, batch_size=batch_size, desc="attribution patching",
@@ -122,7 +120,8 @@ def _trace(model, prompts, *, sites, n_heads, mask, alphas, metric, answer, dist
         else:
             values = metric(logits).float()  # [rows]
         scores = {site: [] for site in sites}
-        with values[n if steps == 0 else 2 * n :].sum().backward():
+        captured = [a for site in sites for a in acts[site]]
+        with values[n if steps == 0 else 2 * n :].sum().backward(inputs=captured):  # no .grad on weights
             for i in reversed(range(len(model.layers))):  # gradients arrive in reverse forward order
                 for site in ("mlp", "attn", "head", "resid"):
                     if site in sites:

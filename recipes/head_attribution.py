@@ -23,7 +23,6 @@ import torch
 
 from nnattr.kernels import split_heads  # by name, not the module: docs/remote.md
 from nnattr.arch import dims
-from nnattr.loading import frozen
 from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, map_chunks, right_align, token_ids, tokens_of
 from nnattr.result import Attribution
 
@@ -52,12 +51,11 @@ def run(
 
     def step(start, chunk):
         stop = start + len(chunk)
-        with frozen(model):  # gradients of activations only; none land on the weights
-            return _trace(
-                model, chunk, n_heads=d.n_heads, per_position=by == "head_position", remote=remote, backend=backend,
-                target=None if targets is None else torch.tensor(targets[start:stop]),
-                distractor=None if distractors is None else torch.tensor(distractors[start:stop]),
-            )
+        return _trace(
+            model, chunk, n_heads=d.n_heads, per_position=by == "head_position", remote=remote, backend=backend,
+            target=None if targets is None else torch.tensor(targets[start:stop]),
+            distractor=None if distractors is None else torch.tensor(distractors[start:stop]),
+        )
 
     scores, answers, metrics = [], [], []
     for start, chunk, out in map_chunks(step, prompts, batch_size=batch_size, desc="head attribution",
@@ -92,7 +90,7 @@ def _trace(model, prompts, *, n_heads, per_position, target, distractor, remote,
         if distractor is not None:
             metric = metric - final.gather(-1, distractor.to(final.device)[:, None])[:, 0]
         scores = []
-        with metric.sum().backward():
+        with metric.sum().backward(inputs=z):  # activations only: no .grad lands on the weights
             for act in reversed(z):  # gradients arrive in reverse forward order
                 per_head = split_heads(act.grad.float() * act.float(), n_heads=n_heads).sum(-1)  # [batch, pos, head]
                 scores.append(per_head.transpose(1, 2))  # [batch, head, pos]
