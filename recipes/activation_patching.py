@@ -26,7 +26,7 @@ import torch
 from nnattr.kernels import first, logit_diff, normalised_recovery, overlap_mask, patched_rows, topk_flat  # by name
 from nnattr.arch import dims
 from nnattr.inputs import Prompts, Token, map_chunks
-from nnattr.recipes.attribution_patching import DEFAULT_NODES, Metric, node_labels, pairs, positional
+from nnattr.pairs import DEFAULT_NODES, Metric, node_labels, pairs, positional
 from nnattr.result import Attribution
 
 
