@@ -93,4 +93,3 @@ def require_probabilities(model, method: str) -> None:
             f"which does not return them. Load it with nnattr.load(..., attn_implementation='eager') "
             f"or call model._module.set_attn_implementation('eager') first."
         )
-
