@@ -176,7 +176,8 @@ def head_scores(model, tokenizer, *, n: int = 128, seed: int = 0, induction_leng
 
     seqs = tasks.induction_sequences(n, length=L, seed=seed, split="test", prefix=P)
     enc = tokenizer(seqs, return_tensors="pt", padding=True)
-    attn = torch.stack(_forward(model, enc, output_attentions=True).attentions)  # [layer, batch, head, q, k]
+    out = _forward(model, enc, output_attentions=True)
+    attn = torch.stack(out.attentions)  # [layer, batch, head, q, k]
     if attn.numel() == 0:
         raise ValueError("no attention weights returned; load the model with "
                          "attn_implementation='eager'")
@@ -190,7 +191,8 @@ def head_scores(model, tokenizer, *, n: int = 128, seed: int = 0, induction_leng
     ids = enc["input_ids"]  # [batch, pos], left-padded
     io = _single_token_ids(tokenizer, [p["answer"] for p in items])
     s = _single_token_ids(tokenizer, [p["distractor"] for p in items])
-    attn = torch.stack(_forward(model, enc, output_attentions=True).attentions)[:, :, :, -1]  # [layer, batch, head, k]
+    out = _forward(model, enc, output_attentions=True)
+    attn = torch.stack(out.attentions)[:, :, :, -1]  # [layer, batch, head, k]: from the last word
     io_mask = (ids == io[:, None]).float()[None, :, None]  # [1, batch, 1, k]
     s_mask = (ids == s[:, None]).float()[None, :, None]
     io_attention = (attn * io_mask).sum(-1).mean(1)  # [layer, head]

@@ -65,7 +65,8 @@ def build_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
 
 
 def _pad(ids: list[list[int]], offsets: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token lists into ``input_ids``, ``position_ids``, ``attention_mask`` ``[batch, pos]``."""
+    """Right-pad token lists into ``input_ids``, ``position_ids``, ``attention_mask``, each
+    ``[batch, pos]``; row ``i`` starts at absolute position ``offsets[i]``."""
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), pad_id)
     position_ids = torch.zeros((len(ids), width), dtype=torch.long)
