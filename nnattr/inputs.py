@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
-from typing import Iterator, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -85,15 +85,6 @@ def tokens_of(tokenizer, prompt: str) -> list[str]:
     """The prompt's tokens as strings, as the model sees them (special tokens included)."""
     ids = tokenizer(prompt)["input_ids"]
     return [tokenizer.decode([i]) for i in ids]
-
-
-def chunks(items: list, batch_size: int | None, *, desc: str) -> Iterator[tuple[int, list]]:
-    """``(start, chunk)`` pairs of at most ``batch_size`` items (all at once for None)."""
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    size = batch_size or len(items)
-    for start in range(0, len(items), size):
-        yield start, items[start : start + size]
 
 
 def map_chunks(fn, items: list, *, batch_size: int | None, desc: str, model=None, remote=False, backend=None):

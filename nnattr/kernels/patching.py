@@ -2,8 +2,8 @@
 
 A batch holds ``n`` pairs as rows ``[clean_1 .. clean_n, corrupted_1 .. corrupted_n]``,
 optionally followed by ``steps * n`` rows on the path between them (integrated gradients,
-``[step_1 pairs .., step_2 pairs .., ...]``). The first-order estimate of patching node ``a``
-from the clean run into the corrupted run is
+``[step_1 pairs .., step_2 pairs .., ...]``). The first-order estimate of patching node ``a``,
+taken from the clean run, into the corrupted run is
 
     score(a) = grad_a m(corrupted) . (a_clean - a_corrupted)                (AtP)
 
@@ -112,7 +112,7 @@ def patched_rows(
     channels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows ``rows`` of ``x`` with the entries selected by ``positions`` (and ``channels``) taken
-    from rows ``source``: write the result back with ``x[rows] = ...``.
+    over from rows ``source``: write the result back with ``x[rows] = ...``.
 
     x: ``[batch, pos, width]``; rows, source: ``[r]``; positions: ``[r, pos]`` bool;
     channels: ``[r, width]`` bool (one head's slice), or None for every channel.
