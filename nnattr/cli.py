@@ -14,13 +14,16 @@ traceback. Without ``--prompt`` the built-in IOI example and its answers are use
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import sys
-from dataclasses import dataclass
+import typing
 from pathlib import Path
+from types import ModuleType
 
 DEFAULT_MODEL = "tiny-ioi"
 EXAMPLE = {
@@ -31,54 +34,48 @@ EXAMPLE = {
 }
 
 
-@dataclass(frozen=True)
-class Recipe:
-    module: str  # recipes/<module>.py, imported as nnattr.recipes.<module>
-    command: str
-    aliases: tuple[str, ...]
-    help: str
-    answers: bool = True  # takes --target / --distractor
-    pairs: bool = False  # needs --corrupted
-
-
-RECIPES = (
-    Recipe("direct_logit_attribution", "dla", ("direct-logit-attribution",),
-           "direct logit attribution by component, layer, head or head and position"),
-    Recipe("head_attribution", "head-attribution", (), "gradient x activation per attention head"),
-    Recipe("logit_lens", "logit-lens", (), "decode every layer's residual stream"),
-    Recipe("attention_rollout", "rollout", ("attention-rollout",),
-           "attention rollout, value-weighted rollout or per-head flow", answers=False),
-    Recipe("attribution_patching", "attribution-patching", (),
-           "attribution patching (gradient estimate of activation patching) on clean/corrupted pairs", pairs=True),
-    Recipe("activation_patching", "activation-patching", (),
-           "exact activation patching on clean/corrupted pairs (all nodes, or attribution's top candidates)",
-           pairs=True),
-)
-# Node types of recipes/attribution_patching.py (NODES there; a test keeps the two equal).
-NODES = ("resid", "attn", "attn_pos", "mlp", "mlp_pos", "head", "head_pos")
-
-
 class UsageError(Exception):
     """A problem with the command line found after parsing (exit 2)."""
 
 
-def available(recipe: Recipe) -> bool:
-    return importlib.util.find_spec(f"nnattr.recipes.{recipe.module}") is not None
+def recipes() -> dict[str, ModuleType]:
+    """Every recipe in ``nnattr.recipes`` by command name (a module with a ``run``): a new file
+    there is a new subcommand, named after the file (``logit_lens`` -> ``logit-lens``)."""
+    import pkgutil
+
+    from . import recipes as package
+
+    found = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        if callable(getattr(module, "run", None)) and callable(getattr(module, "trace", None)):
+            found[info.name.replace("_", "-")] = module
+    return found
 
 
 def main(argv=None) -> int:
     """Entry point of ``nnattr`` and ``python -m nnattr``; returns the exit status."""
-    parser = _parser()
+    return _run(_parser(), argv)
+
+
+def recipe_main(module: ModuleType, argv=None) -> int:
+    """Entry point of a recipe file run as a script: ``python recipes/logit_lens.py``, or a copy
+    of it, runs *that file's* ``run`` with options read from its signature and docstring."""
+    if isinstance(module, str):  # a name in nnattr.recipes
+        module = importlib.import_module(f"nnattr.recipes.{module}")
+    file = getattr(module, "__file__", None)
+    name = module.__name__ if module.__name__ != "__main__" else f"python {Path(file).name}" if file else "recipe"
+    prog = f"python -m {module.__name__}" if module.__name__.startswith("nnattr.recipes.") else name
+    parser = argparse.ArgumentParser(prog=prog, description=_summary(module))
+    _recipe_options(parser, module)
+    parser.set_defaults(recipe=module, parser=parser)
     return _run(parser, argv)
 
 
-def recipe_main(name: str, argv=None) -> int:
-    """Entry point of ``python -m nnattr.recipes.<name>``: the recipe's subcommand alone."""
-    recipe = next(r for r in RECIPES if r.module == name)
-    parser = argparse.ArgumentParser(prog=f"python -m nnattr.recipes.{name}", description=recipe.help)
-    _recipe_options(parser, recipe)
-    parser.set_defaults(recipe=recipe, parser=parser)
-    return _run(parser, argv)
+def _summary(module: ModuleType) -> str:
+    return (module.__doc__ or getattr(module, "TITLE", module.__name__)).strip().splitlines()[0]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,16 +97,16 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--top", type=_positive, default=10, metavar="K",
                         help="attribution-patching candidates confirmed by exact patching (default 10)")
     report.set_defaults(recipe=None, parser=report)
-    for recipe in RECIPES:
-        if recipe.pairs and not available(recipe):
-            continue
-        p = sub.add_parser(recipe.command, aliases=list(recipe.aliases), help=recipe.help, description=recipe.help)
-        _recipe_options(p, recipe)
-        p.set_defaults(recipe=recipe, parser=p)
+    for command, module in recipes().items():
+        p = sub.add_parser(command, aliases=list(getattr(module, "ALIASES", ())), help=_summary(module),
+                           description=_summary(module))
+        _recipe_options(p, module)
+        p.set_defaults(recipe=module, parser=p)
     return parser
 
 
-def _common(p: argparse.ArgumentParser, *, answers: bool, pairs: bool = False, out_default: str | None = None):
+def _common(p: argparse.ArgumentParser, *, answers: bool, distractor: bool = True, pairs: bool = False,
+            out_default: str | None = None):
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hugging Face repo id, local folder or embedded short name (default {DEFAULT_MODEL})")
     given = p.add_mutually_exclusive_group()
@@ -118,8 +115,9 @@ def _common(p: argparse.ArgumentParser, *, answers: bool, pairs: bool = False, o
     given.add_argument("--prompts-file", type=Path, metavar="FILE",
                        help="one prompt per line, or JSON lines with clean/corrupted/answer/distractor")
     if answers:
-        p.add_argument("--target", metavar="TOKEN",
+        p.add_argument(*(["--target", "--answer"] if pairs else ["--target"]), dest="target", metavar="TOKEN",
                        help="answer token, e.g. ' Mary' (default: the model's top prediction)")
+    if answers and distractor:
         p.add_argument("--distractor", metavar="TOKEN", help="score target minus this token, e.g. ' John'")
     p.add_argument("--out", type=Path, default=None if out_default is None else Path(out_default), metavar="DIR",
                    help="folder for the results" + (f" (default {out_default})" if out_default else " (JSON + PNG)"))
@@ -131,32 +129,62 @@ def _common(p: argparse.ArgumentParser, *, answers: bool, pairs: bool = False, o
     add_cli_arguments(p)  # --remote, --ndif-host
 
 
-def _recipe_options(p: argparse.ArgumentParser, recipe: Recipe) -> None:
-    _common(p, answers=recipe.answers, pairs=recipe.pairs)
+# Arguments every recipe shares, handled by the CLI itself rather than read from ``run``.
+_COMMON = {"model", "batch_size", "remote", "backend"}
+_INPUTS = {"prompts", "clean", "corrupted", "target", "answer", "distractor"}
+
+
+def _recipe_options(p: argparse.ArgumentParser, module: ModuleType) -> None:
+    """The recipe's own options, read from its ``run``: one flag per keyword argument whose type
+    a command line can give (``Literal`` choices, int, float, bool, a sequence of choices), with
+    ``run``'s default and the ``name: text`` line of its docstring as help."""
+    params = inspect.signature(module.run).parameters
+    _common(p, answers="target" in params or "answer" in params, distractor="distractor" in params,
+            pairs="corrupted" in params)
     p.add_argument("--top", type=_positive, default=10, metavar="K", help="rows in the printed table (default 10)")
-    if recipe.pairs:
+    if "corrupted" in params:
         p.add_argument("--corrupted", action="append", metavar="TEXT", help="corrupted prompt per --prompt")
-        p.add_argument("--nodes", nargs="+", choices=NODES, metavar="TYPE",
-                       help=f"node types to score, from {', '.join(NODES)} (default resid attn mlp head)")
-    if recipe.module == "attribution_patching":
-        p.add_argument("--method", choices=["atp", "ig"], default="atp",
-                       help="plain gradient (atp) or integrated gradients (ig)")
-        p.add_argument("--steps", type=_positive, default=5, help="interpolation steps for --method ig")
-    elif recipe.module == "activation_patching":
-        p.add_argument("--top-candidates", type=_positive, metavar="K",
-                       help="patch only attribution patching's top K nodes per type (default: every node)")
-    if recipe.module == "direct_logit_attribution":
-        p.add_argument("--by", choices=["component", "layer", "head", "head_position"], default="component")
-    elif recipe.module == "head_attribution":
-        p.add_argument("--by", choices=["head", "head_position"], default="head")
-    elif recipe.module == "logit_lens":
-        p.add_argument("--positions", choices=["last", "all"], default="all",
-                       help="decode every position (default) or the last only")
-        p.add_argument("--k", type=_positive, default=5, help="top tokens kept per cell (default 5)")
-    elif recipe.module == "attention_rollout":
-        p.add_argument("--view", choices=["rollout", "value_weighted", "flow"], default="rollout")
-        p.add_argument("--residual", type=float, default=0.5, help="identity weight mixed in (default 0.5)")
-        p.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean")
+    hints, docs = typing.get_type_hints(module.run), _param_docs(module.run)
+    for name, param in params.items():
+        if param.kind is not param.KEYWORD_ONLY or name in _COMMON | _INPUTS:
+            continue
+        option = _option(hints.get(name), param.default)
+        if option is None:  # a function or a result: Python API only
+            continue
+        shown = " ".join(param.default) if isinstance(param.default, (list, tuple)) else param.default
+        default = "" if param.default is None else f" (default {shown})"
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=param.default,
+                       help=docs.get(name, name.replace("_", " ")) + default, **option)
+
+
+def _option(hint, default) -> dict | None:
+    """argparse keywords for a ``run`` parameter's type, or None if a command line cannot give it."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:  # Optional[X]
+        hint, args = args[0], list(typing.get_args(args[0]))
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return {"choices": list(args), "type": type(args[0])}
+    if origin in (list, tuple, collections.abc.Sequence) and args and typing.get_origin(args[0]) is typing.Literal:
+        return {"choices": list(typing.get_args(args[0])), "nargs": "+", "metavar": "TYPE"}
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if hint is int:
+        return {"type": _positive, "metavar": "N"}
+    if hint is float:
+        return {"type": float, "metavar": "X"}
+    return None
+
+
+def _param_docs(fn) -> dict[str, str]:
+    """``{name: text}`` from docstring lines ``name: text`` (several names may share a line)."""
+    out = {}
+    for line in (fn.__doc__ or "").splitlines():
+        for part in line.strip().split("; "):
+            name, sep, text = part.partition(": ")
+            if sep and name.isidentifier():
+                out[name] = text.strip().rstrip(".")
+    return out
 
 
 def _positive(text: str) -> int:
@@ -238,7 +266,8 @@ def _inputs(args) -> dict:
     if corrupted is not None and len(corrupted) != len(prompts):
         raise UsageError(f"--corrupted: {len(corrupted)} corrupted prompts for {len(prompts)} prompts; "
                          f"give one per prompt")
-    if getattr(args.recipe, "pairs", False) and corrupted is None:
+    if args.recipe is not None and "corrupted" in inspect.signature(args.recipe.run).parameters \
+            and corrupted is None:
         raise UsageError("--corrupted: this command needs a corrupted prompt for every prompt")
     return {"prompts": prompts, "corrupted": corrupted, "target": target, "distractor": distractor}
 
@@ -300,47 +329,29 @@ def _load_model(args):
 
 
 def _run_recipe(args, model, inputs) -> int:
-    recipe = args.recipe
-    module = importlib.import_module(f"nnattr.recipes.{recipe.module}")
-    options = {"batch_size": args.batch_size, **_remote_options(args)}
-    prompts, target, distractor = inputs["prompts"], inputs["target"], inputs["distractor"]
-    if recipe.module in ("direct_logit_attribution", "head_attribution"):
-        result = module.run(model, prompts, target, distractor, by=args.by, **options)
-    elif recipe.module == "logit_lens":
-        result = module.run(model, prompts, target, positions=args.positions, k=args.k, **options)
-    elif recipe.module == "attention_rollout":
-        result = module.run(model, prompts, view=args.view, residual=args.residual,
-                            head_fusion=args.head_fusion, **options)
-    else:
-        result = _patching(args, module, model, inputs, options)
+    module = args.recipe
+    params = inspect.signature(module.run).parameters
+    given = {"prompts": inputs["prompts"], "clean": inputs["prompts"], "corrupted": inputs["corrupted"],
+             "target": inputs["target"], "answer": inputs["target"], "distractor": inputs["distractor"]}
+    options = {name: getattr(args, name) for name, param in params.items()
+               if param.kind is param.KEYWORD_ONLY and hasattr(args, name) and name not in _COMMON}
+    kwargs = {name: value for name, value in given.items() if name in params}
+    result = module.run(model, **kwargs, **options, batch_size=args.batch_size, **_remote_options(args))
     results = result if isinstance(result, dict) else {None: result}  # patching: one result per node type
     print("\n\n".join(format_table(r, args.top) for r in results.values()))
     if args.out is not None:
+        name = Path(module.__file__).stem if getattr(module, "__file__", None) else "result"
         args.out.mkdir(parents=True, exist_ok=True)
-        data = {"command": recipe.command, "model": args.model}
+        data = {"command": args.parser.prog, "model": args.model}
         if None in results:
             data.update(results[None].to_dict())
         else:
             data["results"] = {node: r.to_dict() for node, r in results.items()}
-        (args.out / f"{recipe.module}.json").write_text(json.dumps(data, indent=1))
+        (args.out / f"{name}.json").write_text(json.dumps(data, indent=1))
         for node, r in results.items():
-            r.plot().savefig(args.out / f"{recipe.module}{'' if node is None else '_' + node}.png", dpi=110)
-        print(f"wrote {recipe.module}.json and {len(results)} PNG file{'s' * (len(results) > 1)} to {args.out}")
+            r.plot().savefig(args.out / f"{name}{'' if node is None else '_' + node}.png", dpi=110)
+        print(f"wrote {name}.json and {len(results)} PNG file{'s' * (len(results) > 1)} to {args.out}")
     return 0
-
-
-def _patching(args, module, model, inputs, options) -> dict:
-    pair = (model, inputs["prompts"], inputs["corrupted"], inputs["target"], inputs["distractor"])
-    nodes = {"nodes": tuple(args.nodes)} if args.nodes else {}
-    if args.recipe.module == "attribution_patching":
-        return module.run(*pair, method=args.method, steps=args.steps, **nodes, **options)
-    candidates = None
-    if args.top_candidates:
-        from .recipes import attribution_patching
-
-        candidates = attribution_patching.run(*pair, **nodes, **options)
-    options = {k: v for k, v in options.items() if k != "batch_size"}  # its batch is patched rows, not prompts
-    return module.run(*pair, candidates=candidates, k=args.top_candidates or 10, **nodes, **options)
 
 
 def format_table(result, k: int = 10) -> str:
@@ -376,4 +387,4 @@ def _lens_rows(lens) -> list[str]:
     return out
 
 
-__all__ = ["main", "recipe_main", "format_table", "RECIPES", "EXAMPLE"]
+__all__ = ["main", "recipe_main", "recipes", "format_table", "EXAMPLE"]

@@ -82,14 +82,3 @@ def _resolve(name: str) -> str:
 
 def _config_kwargs(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in ("revision", "trust_remote_code", "token") if k in kwargs}
-
-
-def require_probabilities(model, method: str) -> None:
-    """Refuse to compute from attention probabilities a model does not return."""
-    current = getattr(model.config, "_attn_implementation", None)
-    if current != PROBABILITY_ATTENTION:
-        raise ValueError(
-            f"{method} needs attention probabilities, but this model uses {current!r} attention, "
-            f"which does not return them. Load it with nnattr.load(..., attn_implementation='eager') "
-            f"or call model._module.set_attn_implementation('eager') first."
-        )

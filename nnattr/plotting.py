@@ -10,9 +10,12 @@ dimensions (after ``single``)  picture
 ``head, query, key`` (flow)    each head's map for the last query token
 ``layer, head, position``      token strip: all heads summed, then the top heads
 ``position``                   token strip
-``node`` (patching)            layer × head heatmap for heads (``L3H7``), bars otherwise
-``node, position`` (patching)  node × position heatmap over the prompt's tokens
+``layer`` (lens, last only)    one lens column: the top token per layer
+``layer, position`` (other)    layer × position heatmap over the prompt's tokens
 =============================  ===========================================================
+
+Titles, units and the metric come from the result's own fields (``title``, ``units``,
+``metric``): a new recipe needs no entry here.
 
 Figures are ``matplotlib.figure.Figure`` objects built without ``pyplot``: nothing is shown,
 no backend is switched, and ``fig.savefig("x.png")`` renders with Agg. Notebooks display them.
@@ -24,7 +27,6 @@ no backend is switched, and ``fig.savefig("x.png")`` renders with Agg. Notebooks
 from __future__ import annotations
 
 import math
-import re
 import textwrap
 
 import numpy as np
@@ -32,21 +34,8 @@ from matplotlib import colormaps, colors
 from matplotlib.figure import Figure
 
 DIVERGING, SEQUENTIAL = "RdBu_r", "Blues"
-_HEAD = re.compile(r"L(\d+)H(\d+)")
 _OWN = "nnattr"  # the label of figures plot() made itself
-
-# method (before "[") -> (title, unit of one value: the colour bar or axis label)
-_METHODS = {
-    "direct_logit_attribution": ("Direct logit attribution", "direct effect (logits)"),
-    "head_attribution": ("Head attribution (gradient × activation)", "first-order effect (logits)"),
-    "logit_lens": ("Logit lens", "probability"),
-    "attention_rollout": ("Attention rollout", "rollout weight"),
-    "attention_value_weighted": ("Value-weighted attention rollout", "rollout weight"),
-    "attention_flow": ("Attention flow (per head)", "flow weight"),
-    "attribution_patching": ("Attribution patching", "estimated effect (metric)"),
-    "activation_patching": ("Activation patching", "recovered fraction"),
-}
-_SCORED = ("direct_logit_attribution", "head_attribution", "attribution_patching", "activation_patching")
+_PATCHING = ("attribution_patching", "activation_patching")
 
 
 def plot(attr, ax=None, **kw) -> Figure:
@@ -55,14 +44,14 @@ def plot(attr, ax=None, **kw) -> Figure:
     Options: ``title`` (replaces the generated title), ``top`` (heads listed in a token
     strip, default 8), ``annotate`` (write values in the cells; default when they fit).
     """
-    a = _node_grid(attr.single())
+    a = attr.single()
     dims = tuple(a.dims)
+    if a.method == "logit_lens" and dims in (("layer", "position"), ("layer",)):
+        return _lens(a, ax, **kw)
     if dims == ("layer", "head"):
         return _heatmap(a, ax, signed=True, **kw)
-    if dims in (("component",), ("layer",), ("node",)):
+    if dims in (("component",), ("layer",)):
         return _bars(a, ax, **kw)
-    if dims == ("layer", "position") and _base(a) == "logit_lens":
-        return _lens(a, ax, **kw)
     if dims == ("query", "key"):
         return _attention(a, ax, **kw)
     if dims == ("head", "query", "key"):
@@ -78,54 +67,15 @@ def plot(attr, ax=None, **kw) -> Figure:
     raise ValueError(f"no picture for dimensions {dims}: select or reduce to one or two dimensions first")
 
 
-def _node_grid(a):
-    """Patching results label heads ``L3H7`` along one ``node`` axis: as a layer × head grid."""
-    labels = a.labels.get("node", [])
-    if a.dims != ("node",) or not labels or not all(_HEAD.fullmatch(x) for x in labels):
-        return a
-    pairs = [tuple(map(int, _HEAD.fullmatch(x).groups())) for x in labels]
-    n_layers, n_heads = max(p[0] for p in pairs) + 1, max(p[1] for p in pairs) + 1
-    if len(set(pairs)) != n_layers * n_heads or len(pairs) != n_layers * n_heads:
-        return a
-    grid = a.values.new_full((n_layers, n_heads), float("nan"))  # [layer, head]
-    for (layer, head), v in zip(pairs, a.values):
-        grid[layer, head] = v
-    labels = {"layer": [f"L{i}" for i in range(n_layers)], "head": [f"H{h}" for h in range(n_heads)]}
-    return type(a)(grid, ("layer", "head"), labels, a.meta)
-
-
 def describe(attr) -> tuple[str, str]:
-    """``(title, unit)`` of a result: the method in words, the metric, and what a value means."""
-    meta = attr.meta
-    name, unit = _METHODS.get(_base(attr), (str(meta.get("method", "Attribution")), "value"))
-    by = str(meta.get("method", ""))
-    if "[" in by and _base(attr) == "attribution_patching":
-        name += f" ({by[by.index('[') + 1 : -1]})"
-    elif "[" in by:
-        name += " by " + by[by.index("[") + 1 : -1].replace("_", " and ")
-    if "node_type" in meta:
-        name += f" · {meta['node_type']} nodes"
-    n = meta.get("n_prompts")
-    if _base(attr) not in _SCORED:
-        return name + (f" · mean over {n} prompts" if n else ""), unit
-    where = f"mean over {n} prompts" if n else "last position"
-    return f"{name}\nmetric: {_metric(meta)} · {where}", unit
-
-
-def _metric(meta) -> str:
-    target, distractor = meta.get("target", meta.get("answer")), meta.get("distractor")
-    if isinstance(target, str):
-        logit = f"logit({_quote(target)})"
-        return f"{logit} − logit({_quote(distractor)})" if isinstance(distractor, str) else logit
-    return "logit difference" if distractor is not None else "the target logit"
+    """``(title, unit)`` of a result: its title, then the metric and how prompts were combined."""
+    n = attr.meta.get("n_prompts")
+    details = ([f"metric: {attr.metric}"] if attr.metric else []) + ([f"mean over {n} prompts"] if n else [])
+    return attr.title + ("\n" + " · ".join(details) if details else ""), attr.units
 
 
 def _quote(token: str) -> str:
     return "'" + token.replace("\n", "\\n") + "'"
-
-
-def _base(attr) -> str:
-    return str(attr.meta.get("method", "")).split("[")[0]
 
 
 def _np(values) -> np.ndarray:
@@ -224,7 +174,7 @@ def _heatmap(a, ax, *, signed: bool, title=None, annotate=None, **_) -> Figure:
     positional = a.dims[1] in ("position", "key")
     _ticks(ax, "x", [_token(c) for c in cols] if positional else cols, rotate=positional or len(cols) > 16)
     _ticks(ax, "y", rows)
-    patched = positional and _base(a) in ("attribution_patching", "activation_patching")
+    patched = positional and a.method in _PATCHING
     ax.set_xlabel("position (corrupted prompt's tokens)" if patched else a.dims[1])
     ax.set_ylabel(a.dims[0])
     text, unit = describe(a)
@@ -254,7 +204,7 @@ def _bars(a, ax, *, title=None, annotate=None, **_) -> Figure:
     ax.set_xlim(-0.6, len(labels) - 0.4)
     text, unit = describe(a)
     total = float(np.nansum(values))
-    if _base(a) == "direct_logit_attribution":
+    if a.method == "direct_logit_attribution":
         text += f"\nsum of the bars = {total:+.3f}"
         if isinstance(a.meta.get("logit"), float):
             text += f" (model: {a.meta['logit']:+.3f})"
@@ -265,8 +215,8 @@ def _bars(a, ax, *, title=None, annotate=None, **_) -> Figure:
 
 
 def _lens(a, ax, *, title=None, **_) -> Figure:
-    values = _np(a.values)  # [layer, position]
-    layers, positions = a.labels["layer"], a.labels["position"]
+    values = _np(a.values).reshape(len(a.labels["layer"]), -1)  # [layer, position]
+    layers, positions = a.labels["layer"], a.labels.get("position", ["last"])
     top = a.meta.get("top_tokens")  # [layer][position][k] for one prompt
     ranks = a.meta.get("target_rank")  # [layer][position]
     one = isinstance(top, list) and len(top) == len(layers) and isinstance(top[0][0], list)
@@ -321,7 +271,7 @@ def _attention(a, ax, *, title=None, **_) -> Figure:
     ax.set_ylabel("query (token being represented)")
     text, unit = describe(a)
     meta = a.meta
-    detail = f"residual {meta['residual']}, heads fused by {meta['head_fusion']}" if "residual" in meta else ""
+    detail = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in meta.items() if k in ("residual", "head_fusion", "norm"))
     _title(ax, title or f"{text}\n{detail} · colour: square-root scale".strip(" ·"))
     _colorbar(fig, image, ax, unit)
     return fig

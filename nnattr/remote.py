@@ -1,8 +1,9 @@
 """Recipes on NDIF: preflight checks, errors that name the fix, and non-blocking jobs.
 
 Every recipe takes ``remote=`` and ``backend=`` and runs its traces through
-`nnattr.inputs.map_chunks`, which calls `prepare` once before the first request and wraps each
-request in `errors`. So a missing API key, a model NDIF does not host or a server that refuses
+`nnattr.runner`, which calls `prepare` once before the first request, sends each block through
+nnattr's own backend (`backend_for`: the block is checked before it is sent, `check_block`) and
+wraps each request in `errors`. So a missing API key, a model NDIF does not host or a server that refuses
 gradients is reported as a sentence, before anything is sent where that is possible. See
 docs/remote.md.
 
@@ -28,8 +29,8 @@ from typing import Any, Callable, Iterator
 
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
 
-__all__ = ["NDIFError", "NDIFVersionWarning", "Job", "SERVER_IMPORTS", "add_cli_arguments", "errors",
-           "is_remote", "prepare", "remote_kwargs", "submit", "translate"]
+__all__ = ["NDIFError", "NDIFVersionWarning", "Job", "SERVER_IMPORTS", "add_cli_arguments", "backend_for",
+           "check_block", "errors", "is_remote", "prepare", "remote_kwargs", "submit", "translate"]
 
 DEFAULT_HOST = "https://api.ndif.us"
 KEYS_URL = "https://login.ndif.us"
@@ -220,6 +221,77 @@ def _pointed_at(host: str) -> Iterator[None]:
         yield
     finally:
         CONFIG.API.HOST, ndif._REMOTE_ENV = saved
+
+
+# ----------------------------------------------------------------------------- the block
+
+
+class Backend(RemoteBackend):
+    """nnsight's `RemoteBackend`, checking each block with `check_block` before it is sent."""
+
+    def _serialize(self, tracer):
+        check_block(tracer)
+        return super()._serialize(tracer)
+
+
+def backend_for(model, remote: Any = True, backend: Any = None):
+    """The backend a remote recipe hands nnsight: the given one, or nnattr's checking `Backend`
+    for ``remote=True`` / a host URL (built as ``model.trace(remote=...)`` would build nnsight's)."""
+    if backend is not None:
+        return backend
+    return Backend(_model_key(model), host=_host(None, remote), env=model._remoteable_get_env())
+
+
+def check_block(tracer) -> None:
+    """Refuse, before sending, a traced block that names an nnattr object NDIF cannot load.
+
+    NDIF runs the block's source against names shipped with it. nnattr is not installed there:
+    only `nnattr.kernels` travels (by value, `prepare`). So a block that uses, say, a `Batch`
+    or a helper from ``nnattr.arch`` inside the ``with`` would fail on the server after its
+    queue wait. Raises `NDIFError` (``kind="unshippable"``) naming the file, the line and the fix.
+    """
+    import ast
+
+    node, info = getattr(tracer, "node", None), getattr(tracer, "info", None)
+    if node is None or info is None:
+        return
+    frame = info.frame
+    scopes = (frame.f_locals, frame.f_globals)
+    for name in ast.walk(ast.Module(body=node.body, type_ignores=[])):
+        if not isinstance(name, ast.Name) or not isinstance(name.ctx, ast.Load):
+            continue
+        value = next((scope[name.id] for scope in scopes if name.id in scope), None)
+        origin = _nnattr_origin(value)
+        if origin is None:
+            continue
+        where = f"{frame.f_code.co_filename}, line {name.lineno}"
+        raise NDIFError(
+            f"{where}: the trace uses {name.id!r} ({origin}) inside the `with` block. NDIF runs that block "
+            f"without nnattr installed (only nnattr.kernels travels with a request), so the request would fail "
+            f"on the server. Read what the trace needs from {name.id!r} before the `with` (plain numbers, strings "
+            f"and tensors travel), or use a function from nnattr.kernels. Nothing was sent.",
+            kind="unshippable",
+        )
+
+
+def _nnattr_origin(value, depth: int = 1) -> str | None:
+    """``"a Batch from nnattr.batch"`` when ``value`` (or an item of a container) comes from an
+    nnattr module other than the kernels; None otherwise."""
+    import types
+
+    if isinstance(value, (dict, list, tuple, set)) and depth:
+        items = value.values() if isinstance(value, dict) else value
+        return next((o for o in (_nnattr_origin(v, depth - 1) for v in items) if o), None)
+    if isinstance(value, types.ModuleType):
+        module, what = value.__name__, "the module"
+    elif isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+        module, what = getattr(value, "__module__", "") or "", "a function" if callable(value) else "a class"
+        what = "a class" if isinstance(value, type) else what
+    else:
+        module, what = type(value).__module__, f"a {type(value).__name__}"
+    if module == "nnattr" or module.startswith("nnattr.") and not module.startswith("nnattr.kernels"):
+        return f"{what} from {module}" if what != "the module" else f"the module {module}"
+    return None
 
 
 # ----------------------------------------------------------------------------- errors
@@ -419,7 +491,7 @@ class Job:
         return self._run(self._model, *self._args, backend=replay, **self._kwargs)
 
 
-class _Submitter(RemoteBackend):
+class _Submitter(Backend):
     """Posts each trace as a non-blocking NDIF job, then stops the recipe with `Deferred`."""
 
     def __init__(self, model, host: str) -> None:

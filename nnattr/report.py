@@ -26,8 +26,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .inputs import as_prompts, check_unknown, token_ids, tokens_of
-from .plotting import describe
+from .batch import Batch
 
 PATCHING_MODULES = ("nnattr.recipes.attribution_patching", "nnattr.recipes.activation_patching", "nnattr.validation")
 
@@ -75,16 +74,13 @@ def build(model, prompts, *, corrupted=None, target=None, distractor=None, out="
     from .arch import dims
 
     started = time.perf_counter()
-    prompts = as_prompts(prompts)  # everything is checked before anything runs
-    if corrupted is not None and len(as_prompts(corrupted)) != len(prompts):
-        raise ValueError(f"{len(corrupted)} corrupted prompts for {len(prompts)} prompts: give one per prompt")
-    tok = model.tokenizer
-    check_unknown(tok, prompts + list(corrupted or []))
-    token_ids(tok, target, len(prompts), role="target")
-    token_ids(tok, distractor, len(prompts), role="distractor")
+    batch = Batch.of(model, prompts, target, distractor)  # everything is checked before anything runs
+    if corrupted is not None and len(Batch.of(model, corrupted)) != len(batch):
+        raise ValueError(f"{len(corrupted)} corrupted prompts for {len(batch)} prompts: give one per prompt")
+    prompts = list(batch.labels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = dict(model=model, prompts=prompts, target=target, distractor=distractor, out=out,
+    run = dict(model=model, prompts=batch, target=None, distractor=None, out=out,
                options={"batch_size": batch_size, **(options or {})}, cache={})
     sections = [
         _section("dla_component", "Direct logit attribution by component", _dla_component, run),
@@ -100,7 +96,7 @@ def build(model, prompts, *, corrupted=None, target=None, distractor=None, out="
         "nnattr": __version__, "model": model_name or getattr(model.config, "_name_or_path", "model"),
         "architecture": f"{model.config.model_type}: {d.n_layers} layers × {d.n_heads} heads, d_model {d.d_model}",
         "prompts": prompts, "corrupted": corrupted, "target": target, "distractor": distractor,
-        "tokens": tokens_of(tok, prompts[0]),
+        "tokens": list(batch.tokens[0]),
         "seconds": round(time.perf_counter() - started, 2),
     }
     report = Report(out, header, sections)
@@ -139,7 +135,7 @@ def _top_rows(attr, k: int, *columns) -> list[list[str]]:
 
 
 def _metric_html(attr) -> str:
-    return html.escape(describe(attr.single())[0].splitlines()[1].removeprefix("metric: ").split(" · ")[0])
+    return html.escape(attr.metric or "the metric")
 
 
 def _dla_component(section, *, model, prompts, target, distractor, out, options, **_):
@@ -211,10 +207,6 @@ def _logit_lens(section, *, model, prompts, target, out, options, **_):
     from .recipes import logit_lens as ll
 
     result = ll.run(model, prompts, target, positions="all", **options)
-    if target is not None and "target" not in result.meta:  # name the last column's expected token
-        ids = token_ids(model.tokenizer, target, len(prompts), role="target")
-        result = type(result)(result.values, result.dims, result.labels,
-                              {**result.meta, "target": [model.tokenizer.decode([i]) for i in ids]}, result.tokens)
     _figure(section, out, "logit_lens.png", result)
     section.results["logit_lens"] = result.to_dict()
     one = result.single()
@@ -270,13 +262,14 @@ def _patching(section, *, model, prompts, corrupted, target, distractor, out, op
     fig.savefig(out / "patching_validation.png", dpi=110)
     plt.close(fig)
     section.figures.append("patching_validation.png")
-    from .validation import metric_effect
+    from .validation import entry_labels, metric_effect
 
     rows = []  # the candidates that were patched, by estimated size
     for node_type in ("head", "attn", "mlp"):
-        est, eff = metric_effect(estimate[node_type]).nanmean(0), metric_effect(exact[node_type]).nanmean(0)
-        recovered = exact[node_type].values.float().nanmean(0)  # [node]
-        for i, label in enumerate(estimate[node_type].labels["node"]):
+        est = metric_effect(estimate[node_type]).nanmean(0).flatten()  # [entry]
+        eff = metric_effect(exact[node_type]).nanmean(0).flatten()
+        recovered = exact[node_type].values.float().nanmean(0).flatten()
+        for i, label in enumerate(entry_labels(estimate[node_type])):
             if not recovered[i].isnan():
                 row = [label, f"{float(est[i]):+.3f}", f"{float(eff[i]):+.3f}", f"{float(recovered[i]):+.2f}"]
                 rows.append((abs(float(est[i])), row))
@@ -288,7 +281,7 @@ def _patching(section, *, model, prompts, corrupted, target, distractor, out, op
     section.results.update(
         estimate={t: a.to_dict() for t, a in estimate.items()}, exact={t: a.to_dict() for t, a in exact.items()},
         validation=comparison.to_dict(), warnings=comparison.warnings)
-    meta = estimate["head"].meta
+    meta = estimate["head"].per_prompt
     section.text = (
         f"Attribution patching estimates, for every node at once (two forward passes and one backward), how "
         f"much <b>{_metric_html(estimate['head'])}</b> on the corrupted prompt would move towards the clean "
@@ -310,8 +303,7 @@ def patching(model, clean, corrupted, target, distractor, *, top: int = 10, opti
     from .validation import compare
 
     options = dict(options or {})
-    tok = model.tokenizer
-    equal = all(len(tokens_of(tok, a)) == len(tokens_of(tok, b)) for a, b in zip(clean, corrupted))
+    equal = Batch.of(model, clean).lengths == Batch.of(model, corrupted).lengths
     align = None if equal else "right"  # per-position nodes of unequal pairs: aligned at the last token
     estimate = attribution_patching.run(model, clean, corrupted, target, distractor, align=align, **options)
     exact = activation_patching.run(model, clean, corrupted, target, distractor, candidates=estimate, k=top,

@@ -1,15 +1,25 @@
-"""One result type for every attribution: values with named, labelled dimensions."""
+"""One result type for every attribution: values with named, labelled dimensions.
+
+Structure is kept as structure: layer and head are dimensions (never ``"L3H7"`` strings), the
+method, its resolution (``by``), the units and the metric are fields, per-prompt facts are lists
+in ``per_prompt``, and padding is known from each prompt's ``tokens``, never guessed from a shape.
+"""
 
 from __future__ import annotations
 
+import html
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
 
 from .kernels.lens import topk_flat
+
+#: Dimensions that index a prompt's tokens. In a batch they span the longest prompt, aligned
+#: to the right (as the model sees a left-padded batch); a shorter prompt's padding is NaN.
+POSITION_DIMS = ("position", "query", "key")
 
 
 @dataclass(frozen=True)
@@ -17,11 +27,14 @@ class Attribution:
     """Values, the names of their dimensions, and labels aligned with each dimension.
 
     Recipes return one ``Attribution`` whose first dimension is ``"prompt"`` (one row per
-    prompt, even for a single prompt). Position dimensions of a batch are aligned to the
-    right, as the model sees a left-padded batch: the entries of padding are NaN, and
-    ``tokens`` holds each prompt's own token strings. ``result[i]`` is prompt ``i`` on its own
-    (padding stripped, positions labelled by its tokens); ``result.mean()`` averages over
-    prompts.
+    prompt, even for one prompt). ``result[i]`` is prompt ``i`` alone (its padding stripped,
+    positions labelled ``"3:John"``); ``result.mean()`` averages over prompts.
+
+    Fields: ``method`` (the recipe, ``"direct_logit_attribution"``), ``title`` (in words),
+    ``by`` (the resolution or node type, ``"head"``), ``units`` (of one value, ``"logits"``),
+    ``metric`` (what is attributed, ``"logit(' Mary') − logit(' John')"``), ``meta`` (the options
+    the run used), ``per_prompt`` (lists with one entry per prompt: targets, logits, ...) and
+    ``tokens`` (each prompt's tokens).
 
     >>> a = Attribution(torch.tensor([[1.0, -3.0]]), ("prompt", "component"),
     ...                 {"prompt": ["p"], "component": ["embed", "0_attn_out"]})
@@ -32,23 +45,61 @@ class Attribution:
     values: torch.Tensor
     dims: tuple[str, ...]
     labels: Mapping[str, list[str]]
+    method: str = "attribution"
+    title: str = "Attribution"
+    by: str | None = None
+    units: str = "value"
+    metric: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    per_prompt: Mapping[str, list] = field(default_factory=dict)
     tokens: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self):
-        if len(self.dims) != self.values.ndim:
-            raise ValueError(f"dims {self.dims} do not match values of shape {tuple(self.values.shape)}")
-        for i, dim in enumerate(self.dims):
+        dims = tuple(self.dims)
+        if len(dims) != self.values.ndim:
+            raise ValueError(f"dims {dims} do not match values of shape {tuple(self.values.shape)}")
+        for i, dim in enumerate(dims):
             labels = self.labels.get(dim)
             if labels is None or len(labels) != self.values.shape[i]:
                 got = None if labels is None else len(labels)
                 raise ValueError(f"dimension {dim!r} has size {self.values.shape[i]} but {got} labels")
-        object.__setattr__(self, "labels", {d: list(self.labels[d]) for d in self.dims})
-        object.__setattr__(self, "meta", dict(self.meta))
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_("dims", dims)
+        set_("labels", {d: list(self.labels[d]) for d in dims})
+        set_("meta", dict(self.meta))
+        set_("per_prompt", {k: list(v) for k, v in self.per_prompt.items()})
+        if self.tokens is not None:
+            set_("tokens", tuple(tuple(t) for t in self.tokens))
+            set_("values", self._mask_padding(self.values))
+
+    def _mask_padding(self, values: torch.Tensor) -> torch.Tensor:
+        """NaN where a position dimension points at a prompt's left padding."""
+        if not self.dims or self.dims[0] != "prompt" or len(self.tokens) != values.shape[0]:
+            raise ValueError(f"tokens are given for {len(self.tokens)} prompts, but the result's first dimension "
+                             f"is {self.dims[:1]} of size {values.shape[:1]}")
+        width, axes = max(self.lengths), [i for i, d in enumerate(self.dims) if d in POSITION_DIMS]
+        for axis in axes:
+            if values.shape[axis] != width:
+                raise ValueError(f"dimension {self.dims[axis]!r} has size {values.shape[axis]}, but the longest "
+                                 f"prompt has {width} tokens: position dimensions span the whole batch")
+        if not axes or min(self.lengths) == width:
+            return values
+        values = values.float().clone()
+        pad = (width - torch.tensor(self.lengths))  # [prompt]
+        for axis in axes:
+            shape = [1] * values.ndim
+            shape[0], shape[axis] = len(pad), width
+            values = values.masked_fill((torch.arange(width)[None] < pad[:, None]).reshape(shape), float("nan"))
+        return values
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape)
+
+    @property
+    def lengths(self) -> tuple[int, ...] | None:
+        """Each prompt's number of tokens (None when the result has no prompts)."""
+        return None if self.tokens is None else tuple(map(len, self.tokens))
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -57,29 +108,26 @@ class Attribution:
         """Prompt ``i`` alone: the ``prompt`` dimension dropped, its padding stripped."""
         if self.dims[0] != "prompt":
             raise TypeError(f"indexing selects a prompt, but this result has dims {self.dims}")
-        values = self.values[i]
-        dims = self.dims[1:]
+        i = range(len(self))[i]  # negative indices, and an IndexError that says so
+        values, dims = self.values[i], self.dims[1:]
         labels = {d: self.labels[d] for d in dims}
         if self.tokens is not None:
-            toks = list(self.tokens[i])
-            width = max(map(len, self.tokens))
+            tokens, width = self.tokens[i], max(self.lengths)
             for axis, dim in enumerate(dims):
-                # Position axes spanning the padded batch are stripped; a subset (the last) is kept.
-                if dim in ("position", "key", "query") and values.shape[axis] == width:
-                    values = values.narrow(axis, values.shape[axis] - len(toks), len(toks))
-                    labels[dim] = [f"{j}:{t}" for j, t in enumerate(toks)]
-        meta = {k: (v[i] if isinstance(v, (list, tuple)) and len(v) == len(self) else v) for k, v in self.meta.items()}
-        return Attribution(values, dims, labels, meta)
+                if dim in POSITION_DIMS:
+                    values = values.narrow(axis, width - len(tokens), len(tokens))
+                    labels[dim] = [f"{j}:{t}" for j, t in enumerate(tokens)]
+        meta = {**self.meta, **{k: v[i] for k, v in self.per_prompt.items()}, "prompt": self.labels["prompt"][i]}
+        return replace(self, values=values, dims=dims, labels=labels, meta=meta, per_prompt={}, tokens=None)
 
     def mean(self) -> "Attribution":
         """The average over prompts (NaN padding ignored)."""
         if self.dims[0] != "prompt":
             raise TypeError(f"mean averages over prompts, but this result has dims {self.dims}")
-        values = self.values.float().nanmean(0)
         dims = self.dims[1:]
-        meta = {k: v for k, v in self.meta.items() if not (isinstance(v, (list, tuple)) and len(v) == len(self))}
-        meta["n_prompts"] = len(self)
-        return Attribution(values, dims, {d: self.labels[d] for d in dims}, meta)
+        return replace(self, values=self.values.float().nanmean(0), dims=dims,
+                       labels={d: self.labels[d] for d in dims}, meta={**self.meta, "n_prompts": len(self)},
+                       per_prompt={}, tokens=None)
 
     def single(self) -> "Attribution":
         """The one prompt of a one-prompt result, or the mean of many: what plots show."""
@@ -96,33 +144,50 @@ class Attribution:
             if not math.isnan(v)  # fewer than k real entries: padding never fills the list
         ]
 
+    # ------------------------------------------------------------------------- export
+
     def to_dict(self) -> dict[str, Any]:
         """Plain Python: lists, strings and floats (NaN as None), ready for ``json.dump``."""
-
-        def clean(x):
-            if isinstance(x, list):
-                return [clean(v) for v in x]
-            return None if isinstance(x, float) and math.isnan(x) else x
-
         return {
+            "method": self.method, "title": self.title, "by": self.by, "units": self.units, "metric": self.metric,
             "dims": list(self.dims),
             "labels": {d: list(v) for d, v in self.labels.items()},
-            "values": clean(self.values.detach().cpu().double().tolist()),
-            "meta": {k: _plain(v) for k, v in self.meta.items()},
+            "values": _nan_to_none(self.values.detach().cpu().double().tolist()),
+            "meta": _plain(self.meta),
+            "per_prompt": _plain(self.per_prompt),
             "tokens": None if self.tokens is None else [list(t) for t in self.tokens],
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Attribution":
+        """The inverse of `to_dict` (values come back as float64)."""
+        values = torch.tensor(_none_to_nan(data["values"]), dtype=torch.float64)
+        fields = {k: data[k] for k in ("method", "title", "by", "units", "metric", "meta", "per_prompt") if k in data}
+        return cls(values.reshape([len(data["labels"][d]) for d in data["dims"]]), tuple(data["dims"]),
+                   data["labels"], tokens=data.get("tokens"), **fields)
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
+    @classmethod
+    def from_json(cls, text: str) -> "Attribution":
+        return cls.from_dict(json.loads(text))
+
     def to_records(self) -> list[dict[str, Any]]:
-        """One dict per entry (``{dim: label, ..., "value": v}``): ``pandas.DataFrame(records)``."""
-        out = []
-        for index in torch.cartesian_prod(*[torch.arange(n) for n in self.shape]).reshape(-1, self.values.ndim):
-            row = {d: self.labels[d][int(j)] for d, j in zip(self.dims, index)}
-            row["value"] = float(self.values[tuple(index.tolist())])
-            out.append(row)
-        return out
+        """One dict per entry (``{dim: label, ..., "value": v}``)."""
+        grid = torch.cartesian_prod(*[torch.arange(n) for n in self.shape]).reshape(-1, self.values.ndim)
+        flat = self.values.detach().double().flatten().tolist()
+        return [{**{d: self.labels[d][int(j)] for d, j in zip(self.dims, index)}, "value": v}
+                for index, v in zip(grid, flat)]
+
+    def to_frame(self):
+        """A long-format ``pandas.DataFrame``: one column per dimension, then ``value`` (needs pandas)."""
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError("to_frame() needs pandas, which nnattr does not install: pip install pandas "
+                              "(or use to_records())") from None
+        return pandas.DataFrame.from_records(self.to_records(), columns=[*self.dims, "value"])
 
     def plot(self, ax=None, **kwargs):
         """Draw the result (heatmap, bars or token strip, chosen by its dimensions); returns the figure."""
@@ -132,8 +197,32 @@ class Attribution:
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.shape))
-        method = self.meta.get("method", "attribution")
-        return f"Attribution({method}: {sizes})"
+        by = f" by {self.by}" if self.by else ""
+        return f"Attribution({self.method}{by}: {sizes}; {self.units})"
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: what it is, its shape, and its top entries."""
+        e = html.escape
+        rows = "".join(f"<tr>{''.join(f'<td>{e(str(x))}</td>' for x in labels)}<td>{v:+.4g}</td></tr>"
+                       for labels, v in self.top(10))
+        head = "".join(f"<th>{e(d)}</th>" for d in self.dims)
+        what = e(self.title) + (f" by {e(self.by)}" if self.by else "")
+        metric = f"<br>metric: {e(self.metric)}" if self.metric else ""
+        shape = " × ".join(f"{e(d)} {n}" for d, n in zip(self.dims, self.shape))
+        return (f"<div><b>{what}</b> <span style='color:#666'>({shape}; {e(self.units)})</span>{metric}"
+                f"<table><tr>{head}<th>value</th></tr>{rows}</table><small>top 10 by magnitude</small></div>")
+
+
+def _nan_to_none(x):
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _none_to_nan(x):
+    if isinstance(x, list):
+        return [_none_to_nan(v) for v in x]
+    return math.nan if x is None else x
 
 
 def _plain(v):
@@ -143,6 +232,11 @@ def _plain(v):
         return [_plain(x) for x in v]
     if isinstance(v, dict):
         return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, float) and math.isnan(v):
+        return None
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
     return str(v)
+
+
+__all__ = ["Attribution", "POSITION_DIMS"]

@@ -95,7 +95,7 @@ def compare(estimate: Mapping[str, Attribution], exact: Mapping[str, Attribution
     out = {}
     for node_type in shared:
         a, b = estimate[node_type], exact[node_type]
-        if a.shape != b.shape or list(a.labels["node"]) != list(b.labels["node"]):
+        if a.shape != b.shape or a.dims != b.dims or a.labels != b.labels:
             raise ValueError(f"{node_type}: estimate {a.shape} and exact {b.shape} do not cover the same nodes "
                              f"and pairs")
         out[node_type] = _agreement(node_type, a, b, k)
@@ -109,13 +109,23 @@ def compare(estimate: Mapping[str, Attribution], exact: Mapping[str, Attribution
 def metric_effect(result: Attribution) -> torch.Tensor:
     """A patching result in metric units, ``[pair, ...]``: an estimate as it is, a normalised
     recovery times its pair's ``clean - corrupted`` metric."""
-    units = result.meta.get("units")
-    if units == "metric":
+    if result.method == "attribution_patching":
         return result.values.float()
-    if units == "recovery":
-        gap = torch.tensor(result.meta["clean_metric"]) - torch.tensor(result.meta["corrupted_metric"])
+    if result.method == "activation_patching":
+        gap = torch.tensor(result.per_prompt["clean_metric"]) - torch.tensor(result.per_prompt["corrupted_metric"])
         return result.values.float() * gap.reshape(-1, *([1] * (result.values.ndim - 1)))
-    raise ValueError(f"result has units {units!r}: expected a patching result ('metric' or 'recovery')")
+    raise ValueError(f"a {result.method} result: expected attribution_patching or activation_patching")
+
+
+def entry_labels(result: Attribution) -> list[str]:
+    """One label per entry of a patching result's non-prompt dimensions, flattened in order:
+    ``L3H7`` (head), ``L3 attn`` (a layer's write), with ``@-2`` for a position."""
+    dims = [d for d in result.dims if d != "prompt"]
+    grid = [[]]
+    for d in dims:
+        grid = [g + [label] for g in grid for label in result.labels[d]]
+    name = lambda parts: "".join(parts[:2]) if "head" in dims else f"{parts[0]} {result.by}"  # noqa: E731
+    return [name(g) + (f"@{g[-1]}" if "position" in dims else "") for g in grid]
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -138,9 +148,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 def _agreement(node_type: str, a: Attribution, b: Attribution, k: int) -> Agreement:
     x_all, y_all = metric_effect(a), metric_effect(b)  # [pair, node(, position)]
     x, y = x_all.nanmean(0).flatten(), y_all.nanmean(0).flatten()  # [entry]
-    labels = list(a.labels["node"])
-    if "position" in a.dims:
-        labels = [f"{n}@{p}" for n in labels for p in a.labels["position"]]
+    labels = entry_labels(a)
     keep = ~(x.isnan() | y.isnan())
     x, y, labels = x[keep], y[keep], [lab for lab, kept in zip(labels, keep.tolist()) if kept]
     both = ~(x_all.isnan() | y_all.isnan())
@@ -162,8 +170,8 @@ def _warnings(node_type: str, labels: list[str], x: torch.Tensor, y: torch.Tenso
         out.append(f"{node_type}: attribution patching agrees poorly with exact patching (Pearson r = {r:.2f}); "
                    f"confirm candidates with activation_patching.")
     for i, label in enumerate(labels):
-        if label.split("@")[0] == "0_mlp_out" and "@" not in label:
-            out.append(f"0_mlp_out: MLP0 acts as part of the token embedding and is poorly linearised "
+        if node_type == "mlp" and label == "L0 mlp":
+            out.append(f"L0 mlp: MLP0 acts as part of the token embedding and is poorly linearised "
                        f"(estimate {x[i]:.3g}, exact {y[i]:.3g} metric units).")
     if node_type.startswith(("head", "attn")) and len(y):
         big = y.abs() >= 0.1 * y.abs().max()

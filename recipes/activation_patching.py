@@ -1,19 +1,18 @@
 """Activation patching: the exact effect of each node, to confirm what attribution patching finds.
 
-For each clean/corrupted pair and each node, the corrupted run is repeated with that node's
-clean activation patched in, and the metric gives the normalised recovery
+For each clean/corrupted pair and node, the corrupted run is repeated with that node's clean
+activation patched in, and the metric gives the normalised recovery
 ``(patched - corrupted) / (clean - corrupted)`` (0: no effect, 1: all of the clean behaviour;
-Meng et al. 2022, Wang et al. 2022). Nodes and labels are those of
-``recipes/attribution_patching.py``; node-level types patch every position both prompts have.
+Meng et al. 2022, Wang et al. 2022). Node types and result dimensions: see `nnattr.pairs`.
+Give ``candidates`` (an attribution-patching result) to patch only the ``k`` entries of each
+node type it ranks highest (mean absolute score over pairs); the rest are NaN.
 
-Batched: one forward holds each pair's clean and corrupted rows and up to ``batch_size``
-patched copies of the corrupted prompt, each patching a different node from its clean row as
-the forward pass reaches it, so nothing is cached between traces. Cost: one row per node and
-pair. Give ``candidates`` (an attribution-patching result) to patch only the ``k`` entries of
-each node type it ranks highest (mean absolute score over pairs); the rest are NaN. Remote:
-one metric per row crosses the wire.
+Batched: a forward holds each pair's clean and corrupted rows and up to ``rows`` patched
+copies of the corrupted prompt, each patched from its clean row as the pass reaches the node.
+Every forward of a chunk of pairs runs in one session: remotely one request, one queue wait.
+Wire: one metric per row comes back.
 
-    python -m nnattr.recipes.activation_patching --clean "..." --corrupted "..." --answer " Mary" --distractor " John"
+    python recipes/activation_patching.py --clean "..." --corrupted "..." --answer " Mary" --distractor " John"
 """
 
 from __future__ import annotations
@@ -23,80 +22,22 @@ from typing import Literal, Mapping, Sequence
 import nnsight
 import torch
 
-from nnattr.kernels import first, logit_diff, normalised_recovery, overlap_mask, patched_rows, topk_flat  # by name
-from nnattr.arch import dims
-from nnattr.inputs import Prompts, Token, map_chunks
-from nnattr.pairs import DEFAULT_NODES, Metric, node_labels, pairs, positional
+from nnattr import runner
+from nnattr.kernels import first, logit_diff, normalised_recovery, patched_rows, topk_flat  # by name: to NDIF
+from nnattr.pairs import DEFAULT_NODES, Node, Pairs, node_dims, pairs, positional
 from nnattr.result import Attribution
 
-
-def run(
-    model,
-    clean: Prompts,
-    corrupted: Prompts,
-    answer: Token | Sequence[Token] | None = None,
-    distractor: Token | Sequence[Token] | None = None,
-    *,
-    metric: Metric | None = None,
-    nodes: Sequence[str] | None = None,
-    candidates: Mapping[str, Attribution] | None = None,
-    k: int = 10,
-    batch_size: int | None = 64,
-    align: Literal["right"] | None = None,
-    remote: bool = False,
-    backend=None,
-) -> dict[str, Attribution]:
-    """Normalised recovery of patching each node, per pair: ``{node type: Attribution}``.
-
-    nodes: default ``DEFAULT_NODES``, or with ``candidates`` the node types it holds.
-    batch_size: patched rows per forward pass (None: all of them, or what fits on the GPU).
-    """
-    nodes = tuple(nodes or candidates or DEFAULT_NODES)
-    if k < 1:
-        raise ValueError(f"k={k}: patch at least one candidate per node type")
-    if candidates is not None and not set(nodes) <= set(candidates):
-        raise ValueError(f"candidates hold node types {sorted(candidates)}, not all of nodes={nodes}")
-    d = dims(model)
-    p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=nodes, align=align)
-    width, overlap = max(p.lengths(1)), [min(a, b) for a, b in zip(p.lengths(0), p.lengths(1))]
-    jobs = [(i, node, j, pos) for i in range(len(p)) for node in p.nodes
-            for j, pos in _entries(node, d, width, None if candidates is None else candidates[node], k)
-            if pos is None or -pos <= overlap[i]]  # pos: offset from the last token
-
-    # Remotely every forward of the run goes in one session (one request, one queue wait);
-    # locally each chunk is its own session, so memory back-off still works per forward.
-    rows = batch_size or len(jobs)
-
-    def step(start, chunk):
-        plans = [_plan(p, chunk[i : i + rows], d) for i in range(0, len(chunk), rows)]
-        return _session(model, plans, metric=p.metric, remote=remote, backend=backend)
-
-    patched = {node: torch.full((len(p), len(node_labels(node, d)["node"]), width), float("nan")) for node in p.nodes}
-    base = torch.full((2, len(p)), float("nan"))  # [clean / corrupted, pair]
-    for _, chunk, outs in map_chunks(step, jobs, batch_size=None if remote else batch_size,
-                                     desc="activation patching", model=model, remote=remote, backend=backend):
-        for i0, out in zip(range(0, len(chunk), rows), outs):
-            forward = chunk[i0 : i0 + rows]
-            owners = list(dict.fromkeys(i for i, *_ in forward))  # rows: clean, corrupted of each, then patched
-            base[:, owners] = out[: 2 * len(owners)].reshape(2, len(owners))
-            for (i, node, j, pos), value in zip(forward, out[2 * len(owners) :]):
-                patched[node][i, j, -1 if pos is None else pos] = value
-    values = {}
-    for node, v in patched.items():
-        v = v if positional(node) else v[..., -1]  # [pair, node(, position)]
-        shape = (-1,) + (1,) * (v.ndim - 1)
-        values[node] = normalised_recovery(v, base[0].reshape(shape), base[1].reshape(shape))
-    return p.results(values, base, d, method="activation_patching", units="recovery")
+TITLE, UNITS = "Activation patching", "recovered fraction"
 
 
-def _session(model, plans, *, metric, remote, backend):
-    # Plain values only inside: it may run on a server. Each plan is one forward:
-    # (prompts, sites, answer, distractor); sites[layer]: {site: (rows, source, positions, channels)}.
-    # One statement per line before each nested `with`: the server recompiles this block.
+def trace(model, p: Pairs, *, jobs: list, rows: int, remote=False, backend=None) -> list:
+    """One session; per forward: the pairs' clean and corrupted rows, then one patched row per job."""
+    plans = [_plan(p, jobs[i : i + rows]) for i in range(0, len(jobs), rows)]
+    metric = p.metric
     with torch.no_grad(), model.session(remote=remote, backend=backend):
         outs = list()
-        for prompts, sites, answer, distractor in plans:
-            with model.trace(prompts):
+        for inputs, sites, answer, distractor in plans:
+            with model.trace(inputs):
                 for layer, plan in zip(model.layers, sites):  # forward order: resid, head, attn, mlp
                     if "resid" in plan:
                         x = layer.input  # [rows, pos, d_model]
@@ -108,7 +49,7 @@ def _session(model, plans, *, metric, remote, backend):
                         a = first(layer.attn_out.output)
                         a[plan["attn"][0]] = patched_rows(a, *plan["attn"])
                     if "mlp" in plan:
-                        o = layer.mlp_out.output
+                        o = first(layer.mlp_out.output)
                         o[plan["mlp"][0]] = patched_rows(o, *plan["mlp"])
                 logits = model.output.logits  # [rows, pos, vocab]
                 values = logit_diff(logits, answer, distractor) if metric is None else metric(logits).float()
@@ -117,27 +58,83 @@ def _session(model, plans, *, metric, remote, backend):
     return outs
 
 
-def _plan(p, jobs, d):
-    """The rows of one forward (each job's pair's clean and corrupted prompts, then one corrupted
-    copy per job) and, per layer and site, which rows to patch from which, where."""
+def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
+        nodes: Sequence[Node] | None = None, candidates: Mapping[str, Attribution] | None = None, k: int = 10,
+        rows: int = 64, align: Literal["right"] | None = None, batch_size: int | None = None, remote=False,
+        backend=None) -> dict[str, Attribution]:
+    """Normalised recovery of patching each node, per pair: ``{node type: Attribution}``.
+
+    answer: the clean prompt's answer token; distractor: subtract its logit.
+    nodes: node types to patch (default resid attn mlp head, or those of candidates).
+    k: with candidates, the entries patched per node type.
+    rows: patched rows per forward pass.
+    align: "right" compares pairs of unequal length per position, aligned at the last token.
+    """
+    nodes = tuple(nodes or candidates or DEFAULT_NODES)
+    if k < 1 or rows < 1:
+        raise ValueError(f"k={k}, rows={rows}: both must be at least 1")
+    if candidates is not None and not set(nodes) <= set(candidates):
+        raise ValueError(f"candidates hold node types {sorted(candidates)}, not all of nodes={nodes}")
+    p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=nodes, align=align)
+    width, n_layers, n_heads = p.clean.width, p.arch.n_layers, p.arch.n_heads
+    shape = lambda node: (n_layers,) + (n_heads,) * node.startswith("head") + (width,) * positional(node)  # noqa
+    entries = {node: _entries(node, shape(node), None if candidates is None else candidates[node], k, p)
+               for node in p.nodes}
+    patched = {node: torch.full((len(p), *shape(node)), float("nan")) for node in p.nodes}
+    base = torch.full((2, len(p)), float("nan"))  # [clean / corrupted, pair]
+    for start, chunk, outs in runner.chunks(
+            lambda start, chunk, backend: trace(model, chunk, jobs=_jobs(chunk, entries), rows=rows,
+                                                remote=remote, backend=backend),
+            p, batch_size=batch_size, desc="activation patching", model=model, remote=remote, backend=backend):
+        jobs = _jobs(chunk, entries)
+        for i0, out in zip(range(0, len(jobs), rows), outs):
+            owners = list(dict.fromkeys(i for i, *_ in jobs[i0 : i0 + rows]))
+            base[:, [start + i for i in owners]] = out[: 2 * len(owners)].reshape(2, len(owners))
+            for (i, node, index), value in zip(jobs[i0 : i0 + rows], out[2 * len(owners) :]):
+                patched[node][(start + i, *index)] = value
+    values = {node: normalised_recovery(v, *(b.reshape(-1, *[1] * (v.ndim - 1)) for b in base))
+              for node, v in patched.items()}
+    return p.results(values, base, method="activation_patching", title=TITLE, units=UNITS,
+                     meta={"k": k} if candidates is not None else {})
+
+
+def _entries(node, shape, candidates, k, p) -> list[tuple[int, ...]]:
+    """Indices ``(layer, (head,) (position))`` to patch: every one, or the top ``k`` candidates."""
+    if candidates is None:
+        return [tuple(i) for i in torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, len(shape)).tolist()]
+    if candidates.dims != node_dims(node) or candidates.shape[1:3] != shape[: len(candidates.shape[1:3])]:
+        raise ValueError(f"candidates for {node!r} have dims {candidates.dims} and shape {candidates.shape}, not "
+                         f"this model's {node_dims(node)}: pass attribution_patching's result for the same model")
+    mean = candidates.mean().values  # [layer, (head,) (position: right-aligned to the same width)]
+    top, index = topk_flat(mean, k)
+    offset = shape[-1] - mean.shape[-1] if positional(node) else 0  # candidates' width -> common width
+    return [tuple(r[:-1].tolist()) + ((int(r[-1]) + offset,) if positional(node) else (int(r[-1]),))
+            for v, r in zip(top, index) if not torch.isnan(v)]
+
+
+def _jobs(p: Pairs, entries) -> list[tuple[int, str, tuple[int, ...]]]:
+    """``(pair, node type, index)`` of every patched row; positions only where both prompts have a token."""
+    overlap = p.overlap()  # [pair, position]
+    return [(i, node, index) for i in range(len(p)) for node, indices in entries.items() for index in indices
+            if not positional(node) or overlap[i, index[-1]]]
+
+
+def _plan(p: Pairs, jobs):
+    """The inputs of one forward and, per layer and site, which rows to patch from which, where."""
     owners = list(dict.fromkeys(i for i, *_ in jobs))
     row_of = {i: r for r, i in enumerate(owners)}  # the pair's clean row; its corrupted row is + len(owners)
-    length = max(max(p.lengths(0)[i], p.lengths(1)[i]) for i in owners)
-    mask = overlap_mask(torch.tensor([p.lengths(0)[i] for i in owners]),
-                          torch.tensor([p.lengths(1)[i] for i in owners]), length)  # [owner, pos]
-    plan = [{} for _ in range(d.n_layers)]
-    for r, (i, node, j, pos) in enumerate(jobs, start=2 * len(owners)):
-        site = node.removesuffix("_pos")
-        layer, head = divmod(j, d.n_heads) if site == "head" else (j, None)
-        where = mask[row_of[i]] if pos is None else torch.arange(length) == length + pos  # [pos]
-        channels = None if head is None else (torch.arange(d.n_heads * d.d_head) // d.d_head) == head
+    overlap, d_head, width = p.overlap(), p.arch.d_head, p.clean.width
+    plan = [{} for _ in range(p.arch.n_layers)]
+    for r, (i, node, index) in enumerate(jobs, start=2 * len(owners)):
+        site, layer = node.removesuffix("_pos"), index[0]
+        where = torch.arange(width) == index[-1] if positional(node) else overlap[i]  # [pos]
+        channels = None if site != "head" else torch.arange(p.arch.n_heads * d_head) // d_head == index[1]
         plan[layer].setdefault(site, []).append((r, row_of[i], where, channels))
-    order = ("resid", "head", "attn", "mlp")
-    sites = [{s: _stack(entries[s]) for s in order if s in entries} for entries in plan]
-    prompts = [p.clean[i] for i in owners] + [p.corrupted[i] for i in owners] + [p.corrupted[i] for i, *_ in jobs]
-    ids = lambda role: None if getattr(p, role) is None else torch.tensor(  # noqa: E731
-        [getattr(p, role)[i] for i in owners * 2 + [i for i, *_ in jobs]])
-    return prompts, sites, ids("answer"), ids("distractor")
+    sites = [{s: _stack(entries[s]) for s in ("resid", "head", "attn", "mlp") if s in entries} for entries in plan]
+    inputs = p.inputs_of(owners, owners + [i for i, *_ in jobs])
+    ids = lambda role: None if getattr(p.clean, role) is None else torch.tensor(  # noqa: E731
+        [getattr(p.clean, role)[i] for i in owners * 2 + [i for i, *_ in jobs]])
+    return inputs, sites, ids("target"), ids("distractor")
 
 
 def _stack(entries):
@@ -146,24 +143,9 @@ def _stack(entries):
             None if channels[0] is None else torch.stack(channels))
 
 
-def _entries(node: str, d, width: int, candidates: Attribution | None, k: int) -> list[tuple[int, int | None]]:
-    """``(node index, position offset or None)`` to patch: all of them, or the top ``k`` candidates."""
-    n_nodes = len(node_labels(node, d)["node"])
-    if candidates is None:
-        return [(j, pos) for j in range(n_nodes) for pos in (range(-width, 0) if positional(node) else [None])]
-    if list(candidates.labels["node"]) != node_labels(node, d)["node"]:
-        raise ValueError(f"candidates for {node!r} are labelled for another model: {candidates.labels['node'][:4]}...")
-    mean = candidates.mean().values  # [node(, position)]
-    top, index = topk_flat(mean, k)
-    return [(int(r[0]), int(r[1]) - mean.shape[1] if positional(node) else None)
-            for v, r in zip(top, index) if not torch.isnan(v)]
+if __name__ == "__main__":
+    import sys
 
-
-def main(argv=None):
     from nnattr.cli import recipe_main
 
-    return recipe_main("activation_patching", argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(recipe_main(sys.modules[__name__]))

@@ -1,19 +1,18 @@
-"""Attention rollout, per-head attention flow and value-weighted rollout.
+"""Attention rollout, value-weighted rollout and per-head attention flow.
 
-view="rollout" (Abnar & Zuidema 2020): fuse heads, mix with the identity for the residual
-    stream (``residual``), renormalise, and multiply through the layers:
-    ``R = Â_{L-1} ... Â_0``. Returns ``[prompt, query, key]``.
+view="rollout" (Abnar & Zuidema 2020): fuse heads (``head_fusion``), mix with the identity for
+    the residual stream (``residual``, default 0.5), renormalise, multiply through the layers:
+    ``R = Â_{L-1} ... Â_0``. ``[prompt, query, key]``.
 view="value_weighted": the same rollout over patterns weighted by each key's value-vector norm
-    (``norm``; Kobayashi et al. 2020 show raw weights overstate tokens with small values).
-view="flow": per-head composition ``F_l = A_l F_{l-1}`` without head fusion; returns the last
-    layer's ``[prompt, head, query, key]``.
+    (``norm``; Kobayashi et al. 2020: raw weights overstate tokens with small values).
+view="flow": per-head composition ``F_l = Â_l F_{l-1}`` without head fusion (``residual``
+    default 0); the last layer's ``[prompt, head, query, key]``.
 
-The recipe streams: one layer's pattern is alive at a time, and padded keys (left padding)
-receive no mass. It needs attention probabilities (eager attention). Remote: the reduction
-runs on the server and one ``[query, key]`` matrix per prompt (per head for flow) comes back,
+Streams: one layer's pattern is alive at a time; padded keys get no mass. Needs attention
+probabilities (eager attention). Wire: one map per prompt (per head for flow) comes back,
 never the per-layer patterns.
 
-    python -m nnattr.recipes.attention_rollout --prompt "..." --view rollout
+    python recipes/attention_rollout.py --prompt "..." --view rollout
 """
 
 from __future__ import annotations
@@ -23,90 +22,75 @@ from typing import Literal
 import nnsight
 import torch
 
-from nnattr.kernels import flow_step, rollout_step, split_values, value_weighted  # by name: docs/remote.md
-from nnattr.arch import dims, spec_for
-from nnattr.inputs import Prompts, as_prompts, check_unknown, map_chunks, tokens_of
-from nnattr.loading import require_probabilities
+from nnattr import runner
+from nnattr.batch import Batch
+from nnattr.kernels import flow_step, rollout_step, split_values, value_weighted  # by name: they travel to NDIF
 from nnattr.result import Attribution
 
-View = Literal["rollout", "value_weighted", "flow"]
+TITLE, UNITS, ALIASES = "Attention rollout", "rollout weight", ("rollout",)
 
 
-def run(
-    model,
-    prompts: Prompts,
-    *,
-    view: View = "rollout",
-    residual: float = 0.5,
-    head_fusion: Literal["mean", "max", "min"] = "mean",
-    norm: Literal["l1", "l2", "linf"] = "l2",
-    batch_size: int | None = None,
-    remote: bool = False,
-    backend=None,
-) -> Attribution:
-    """Rollout-style attention maps, one per prompt (see module doc)."""
-    if view not in ("rollout", "value_weighted", "flow"):
-        raise ValueError(f"view={view!r}; expected 'rollout', 'value_weighted' or 'flow'")
-    require_probabilities(model, f"attention {view}")
-    spec, d = spec_for(model), dims(model)
-    prompts = as_prompts(prompts)
-    check_unknown(model.tokenizer, prompts)
-    tokens = [tokens_of(model.tokenizer, p) for p in prompts]
-    length = max(map(len, tokens))
-    shape = (len(prompts), d.n_heads, length, length) if view == "flow" else (len(prompts), length, length)
-    values = torch.full(shape, float("nan"))
-
-    def step(start, chunk):
-        lengths = [len(t) for t in tokens[start : start + len(chunk)]]
-        width = max(lengths)
-        key_mask = torch.arange(width)[None, :] >= torch.tensor([width - n for n in lengths])[:, None]
-        return _trace(
-            model, chunk, key_mask, view=view, residual=residual, head_fusion=head_fusion, norm=norm,
-            layout=spec.value_layout, n_heads=d.n_heads, n_kv=d.n_kv_heads, d_head=d.d_head,
-            remote=remote, backend=backend,
-        )
-
-    for start, chunk, maps in map_chunks(step, prompts, batch_size=batch_size, desc=f"attention {view}",
-                                         model=model, remote=remote, backend=backend):
-        lengths = [len(t) for t in tokens[start : start + len(chunk)]]
-        for b, n in enumerate(lengths):
-            values[start + b, ..., -n:, -n:] = maps[b, ..., -n:, -n:]
-
-    positions = [str(p - length) for p in range(length)]
-    labels = {"prompt": prompts, "query": positions, "key": positions}
-    dim_names = ("prompt", "query", "key")
-    if view == "flow":
-        labels["head"] = [f"H{h}" for h in range(d.n_heads)]
-        dim_names = ("prompt", "head", "query", "key")
-    meta = {"method": f"attention_{view}", "residual": residual, "head_fusion": head_fusion, "norm": norm}
-    return Attribution(values, dim_names, labels, meta, tuple(map(tuple, tokens)))
-
-
-def _trace(model, prompts, key_mask, *, view, residual, head_fusion, norm, layout, n_heads, n_kv, d_head,
-           remote, backend):
-    with torch.no_grad(), model.trace(prompts, remote=remote, backend=backend):
-        mask = key_mask.to(model.layers[0].input.device)
-        state = None
+def trace(model, batch: Batch, *, view: str, residual: float, head_fusion: str | None, norm: str | None,
+          remote=False, backend=None) -> dict:
+    """One forward; the rollout (or flow) state is updated layer by layer."""
+    a, key_mask = batch.arch, batch.inputs["attention_mask"].bool()  # [batch, key]
+    layout, n_heads, n_kv, d_head = a.value_layout, a.n_heads, a.n_kv_heads, a.d_head
+    with torch.no_grad(), model.trace(batch.inputs, remote=remote, backend=backend):
+        mask, state = key_mask.to(model.layers[0].input.device), None
         for layer in model.layers:
-            if view == "value_weighted":
-                values = split_values(layer.attn.v_proj.output, layout=layout, n_heads=n_heads,
-                                      n_kv_heads=n_kv, d_head=d_head)  # [batch, key, kv_head, d_head]
+            if view == "value_weighted":  # [batch, key, kv_head, d_head]
+                values = split_values(layer.attn.v_proj.output, layout=layout, n_heads=n_heads, n_kv_heads=n_kv,
+                                      d_head=d_head)
             pattern = layer.attn.output[1]  # [batch, head, query, key]
             if view == "value_weighted":
                 pattern = value_weighted(pattern, values, norm=norm)
             if view == "flow":
-                state = flow_step(state, pattern, key_mask=mask)
+                state = flow_step(state, pattern, residual=residual, key_mask=mask)
             else:
                 state = rollout_step(state, pattern, residual=residual, head_fusion=head_fusion, key_mask=mask)
-        maps = nnsight.save(state.detach().cpu())
+        maps = nnsight.save({"maps": state.detach().cpu()})
     return maps
 
 
-def main(argv=None):
-    from nnattr.cli import recipe_main
+def run(model, prompts, *, view: Literal["rollout", "value_weighted", "flow"] = "rollout",
+        residual: float | None = None, head_fusion: Literal["mean", "max", "min"] | None = None,
+        norm: Literal["l1", "l2", "linf"] | None = None, batch_size: int | None = None, remote=False,
+        backend=None) -> Attribution:
+    """One attention map per prompt (per head for flow); see the module doc.
 
-    return recipe_main("attention_rollout", argv)
+    view: rollout, value-weighted rollout, or per-head flow.
+    residual: identity weight mixed into every layer (default 0.5; 0 for flow).
+    head_fusion: how heads are fused for rollout views (default mean).
+    norm: value-vector norm for view=value_weighted (default l2).
+    """
+    if view not in ("rollout", "value_weighted", "flow"):
+        raise ValueError(f"view={view!r}; expected 'rollout', 'value_weighted' or 'flow'")
+    if view == "flow" and head_fusion is not None:
+        raise ValueError("head_fusion does not apply to view='flow', which keeps every head")
+    if view != "value_weighted" and norm is not None:
+        raise ValueError(f"norm applies to view='value_weighted' only, not view={view!r}")
+    used = {"view": view, "residual": (0.0 if view == "flow" else 0.5) if residual is None else float(residual)}
+    if view != "flow":
+        used["head_fusion"] = head_fusion or "mean"
+    if view == "value_weighted":
+        used["norm"] = norm or "l2"
+    batch = Batch.of(model, prompts)
+    batch.arch.require_probabilities(f"attention {view}")
+    out = runner.run(trace, model, batch, **{"head_fusion": None, "norm": None, **used}, batch_size=batch_size,
+                     remote=remote, backend=backend)
+    positions = [str(p - batch.width) for p in range(batch.width)]
+    labels = {"prompt": batch.labels, "query": positions, "key": positions}
+    if view == "flow":
+        labels = {"prompt": batch.labels, "head": [f"H{h}" for h in range(batch.arch.n_heads)], **labels}
+    title = {"rollout": TITLE, "value_weighted": "Value-weighted attention rollout",
+             "flow": "Attention flow (per head, last layer)"}[view]
+    return Attribution(out["maps"], tuple(labels), labels, method="attention_rollout", title=title, by=view,
+                       units="flow weight" if view == "flow" else UNITS, meta=used, tokens=batch.tokens)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from nnattr.cli import recipe_main
+
+    raise SystemExit(recipe_main(sys.modules[__name__]))

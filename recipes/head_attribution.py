@@ -7,107 +7,77 @@ a zero baseline; Nanda 2023). Unlike DLA it counts the head's indirect effects t
 layers too. The metric is the last token's logit for ``target`` (default: the model's top
 prediction), minus ``distractor``'s when given.
 
-Works on frozen-parameter models (hosted ones): the recipe sets ``requires_grad_`` on the
-embedding output inside the trace. Remote: only ``[prompt, layer, head(, position)]`` scores
-cross the wire; activations and gradients stay on the server.
+Works on frozen-parameter (hosted) models: the trace starts the graph at the embedding output.
+Wire: only ``[prompt, layer, head(, position)]`` scores come back.
 
-    python -m nnattr.recipes.head_attribution --prompt "..." --target " Mary" --distractor " John"
+    python recipes/head_attribution.py --prompt "..." --target " Mary" --distractor " John"
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal
 
 import nnsight
 import torch
 
-from nnattr.kernels import split_heads  # by name, not the module: docs/remote.md
-from nnattr.arch import dims
-from nnattr.inputs import Prompts, Token, as_prompts, check_unknown, map_chunks, right_align, token_ids, tokens_of
+from nnattr import runner
+from nnattr.batch import Batch
+from nnattr.kernels import gradients, split_heads  # kernels by name: they travel to NDIF
 from nnattr.result import Attribution
 
-
-def run(
-    model,
-    prompts: Prompts,
-    target: Token | Sequence[Token] | None = None,
-    distractor: Token | Sequence[Token] | None = None,
-    *,
-    by: Literal["head", "head_position"] = "head",
-    batch_size: int | None = None,
-    remote: bool = False,
-    backend=None,
-) -> Attribution:
-    """Gradient x activation per head: ``[prompt, layer, head]`` (or ``[..., position]``)."""
-    if by not in ("head", "head_position"):
-        raise ValueError(f"by={by!r}; expected 'head' or 'head_position'")
-    d = dims(model)
-    prompts = as_prompts(prompts)
-    check_unknown(model.tokenizer, prompts)
-    targets = token_ids(model.tokenizer, target, len(prompts), role="target")
-    distractors = token_ids(model.tokenizer, distractor, len(prompts), role="distractor")
-    tokens = [tokens_of(model.tokenizer, p) for p in prompts]
-    length = max(map(len, tokens))
-
-    def step(start, chunk):
-        stop = start + len(chunk)
-        return _trace(
-            model, chunk, n_heads=d.n_heads, per_position=by == "head_position", remote=remote, backend=backend,
-            target=None if targets is None else torch.tensor(targets[start:stop]),
-            distractor=None if distractors is None else torch.tensor(distractors[start:stop]),
-        )
-
-    scores, answers, metrics = [], [], []
-    for start, chunk, out in map_chunks(step, prompts, batch_size=batch_size, desc="head attribution",
-                                        model=model, remote=remote, backend=backend):
-        stop = start + len(chunk)
-        for s, t in zip(out["scores"], tokens[start:stop]):  # s: [layer, head(, pos)]
-            scores.append(s if by == "head" else s[..., -len(t):])
-        answers += out["target"].tolist()
-        metrics += out["metric"].tolist()
-
-    labels = {"layer": [f"L{i}" for i in range(d.n_layers)], "head": [f"H{h}" for h in range(d.n_heads)]}
-    if by == "head_position":
-        labels["position"] = [str(p - length) for p in range(length)]
-    values = torch.stack(scores) if by == "head" else right_align(scores, length)
-    meta = {
-        "method": f"head_attribution[{by}]",
-        "target": [model.tokenizer.decode([t]) for t in answers],
-        "distractor": None if distractors is None else [model.tokenizer.decode([t]) for t in distractors],
-        "metric": metrics,
-    }
-    return Attribution(values, ("prompt",) + tuple(labels), {"prompt": prompts, **labels}, meta,
-                       tuple(map(tuple, tokens)))
+TITLE, UNITS = "Head attribution (gradient × activation)", "first-order effect (logits)"
 
 
-def _trace(model, prompts, *, n_heads, per_position, target, distractor, remote, backend):
-    with model.trace(prompts, remote=remote, backend=backend):
+def trace(model, batch: Batch, *, by: str, remote=False, backend=None) -> dict:
+    """One forward and one backward to the heads' outputs only (no gradient lands on weights)."""
+    n_heads, target, other = batch.arch.n_heads, batch.answer("target"), batch.answer("distractor")
+    with model.trace(batch.inputs, remote=remote, backend=backend):
         model.embed.output.requires_grad_(True)  # frozen hosted weights: start the graph here
         z = [layer.attn.o_proj.input for layer in model.layers]  # [batch, pos, head * d_head]
-        final = model.output.logits[:, -1].float()
+        final = model.output.logits[:, -1].float()  # [batch, vocab]
         answer = final.argmax(-1) if target is None else target.to(final.device)
         metric = final.gather(-1, answer[:, None])[:, 0]
-        if distractor is not None:
-            metric = metric - final.gather(-1, distractor.to(final.device)[:, None])[:, 0]
-        scores = []
-        with metric.sum().backward(inputs=z):  # activations only: no .grad lands on the weights
-            for act in reversed(z):  # gradients arrive in reverse forward order
-                per_head = split_heads(act.grad.float() * act.float(), n_heads=n_heads).sum(-1)  # [batch, pos, head]
-                scores.append(per_head.transpose(1, 2))  # [batch, head, pos]
-        scores = torch.stack(scores[::-1], dim=1).detach()  # [batch, layer, head, pos]
+        if other is not None:
+            metric = metric - final.gather(-1, other.to(final.device)[:, None])[:, 0]
+        grads = gradients(metric.sum(), z)  # d metric / d z, for every layer at once
+        scores = torch.stack([split_heads(g.float() * act.float(), n_heads=n_heads).sum(-1)  # [batch, pos, head]
+                              for g, act in zip(grads, z)], dim=1).transpose(2, 3)  # [batch, layer, head, pos]
         out = nnsight.save({
-            "scores": (scores if per_position else scores.sum(-1)).cpu(),  # only what the result keeps crosses
+            "scores": (scores if by == "head_position" else scores.sum(-1)).detach().cpu(),
             "target": answer.cpu(),
             "metric": metric.detach().cpu(),
         })
     return out
 
 
-def main(argv=None):
-    from nnattr.cli import recipe_main
+def run(model, prompts, target=None, distractor=None, *, by: Literal["head", "head_position"] = "head",
+        batch_size: int | None = None, remote=False, backend=None) -> Attribution:
+    """Gradient x activation per head: ``[prompt, layer, head]`` (or ``[..., position]``).
 
-    return recipe_main("head_attribution", argv)
+    target: the answer token (default: the model's top prediction).
+    distractor: subtract this token's logit (a logit difference).
+    by: per head, or per head and position.
+    """
+    if by not in ("head", "head_position"):
+        raise ValueError(f"by={by!r}; expected 'head' or 'head_position'")
+    batch = Batch.of(model, prompts, target, distractor)
+    out = runner.run(trace, model, batch, by=by, batch_size=batch_size, remote=remote, backend=backend)
+    a = batch.arch
+    labels = {"prompt": batch.labels, "layer": [f"L{i}" for i in range(a.n_layers)],
+              "head": [f"H{h}" for h in range(a.n_heads)]}
+    if by == "head_position":
+        labels["position"] = [str(p - batch.width) for p in range(batch.width)]
+    per_prompt = {"target": batch.decode(out["target"]), "metric": out["metric"].tolist()}
+    if batch.distractor is not None:
+        per_prompt["distractor"] = batch.decode(batch.distractor)
+    return Attribution(out["scores"], tuple(labels), labels, method="head_attribution",
+                       title=TITLE + " by head and position" * (by == "head_position"), by=by,
+                       units=UNITS, metric=batch.metric(out["target"]), per_prompt=per_prompt, tokens=batch.tokens)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from nnattr.cli import recipe_main
+
+    raise SystemExit(recipe_main(sys.modules[__name__]))

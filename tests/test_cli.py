@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -108,7 +109,13 @@ def test_remote_flag_reaches_the_recipe(monkeypatch, tiny_folder, capsys):
 
     seen = {}
     real = direct_logit_attribution.run
-    monkeypatch.setattr(direct_logit_attribution, "run", lambda *a, **kw: seen.update(kw) or real(*a, **{**kw, "remote": False}))
+
+    @functools.wraps(real)  # the CLI reads the recipe's options from its signature
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **{**kw, "remote": False})
+
+    monkeypatch.setattr(direct_logit_attribution, "run", spy)
     assert main(["dla", "--model", tiny_folder, "--prompt", "w1 w2", "--remote"]) == 0
     assert seen["remote"] is True
 
@@ -120,10 +127,13 @@ def test_ndif_refusals_exit_1_in_one_line(monkeypatch, tiny_folder, capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_patching_node_types_match_the_recipe():
-    from nnattr.recipes import attribution_patching
+def test_options_come_from_the_recipe_signature(capsys):
+    from nnattr.pairs import NODES
 
-    assert cli.NODES == attribution_patching.NODES
+    assert main(["attribution-patching", "--nodes", "heads"]) == 2  # choices read from run's Sequence[Node]
+    assert "invalid choice: 'heads'" in capsys.readouterr().err and len(NODES) == 7
+    assert main(["logit-lens", "--distractor", "w1"]) == 2  # the logit lens has no distractor to ignore
+    assert "unrecognized arguments: --distractor" in capsys.readouterr().err
 
 
 def _check_report(folder) -> dict:

@@ -17,7 +17,7 @@ from torch.testing import assert_close
 import nnattr
 from nnattr import kernels as K
 from nnattr.recipes import activation_patching, attribution_patching
-from nnattr.recipes.attribution_patching import NODES
+from nnattr.pairs import NODES
 from nnattr.validation import ApproximationWarning, compare, metric_effect, spearman
 from tests.support import tiny
 
@@ -146,13 +146,14 @@ def test_parity_with_plain_torch_hooks(zoo, arch, steps):
         assert_close(got["resid"].values[i][:, -length:], ref["resid"][i][:, -length:], **TOL)
         assert_close(got["attn_pos"].values[i][:, -length:], ref["attn"][i][:, -length:], **TOL)
         assert_close(got["mlp_pos"].values[i][:, -length:], ref["mlp"][i][:, -length:], **TOL)
-        assert_close(got["head_pos"].values[i][:, -length:], heads(ref["head"])[i][:, -length:], **TOL)
+        assert_close(heads(got["head_pos"].values)[i][:, -length:], heads(ref["head"])[i][:, -length:], **TOL)
     assert_close(got["attn"].values, ref["attn"].sum(-1), **TOL)
     assert_close(got["mlp"].values, ref["mlp"].sum(-1), **TOL)
-    assert_close(got["head"].values, heads(ref["head"]).sum(-1), **TOL)
-    assert_close(torch.tensor(got["head"].meta["clean_metric"]), metric[0], **TOL)
-    assert got["head"].labels["node"][:2] == ["L0H0", "L0H1"] and got["attn"].labels["node"][1] == "1_attn_out"
-    assert got["resid"].labels["node"][0] == "resid_pre_0" and got["resid"].dims == ("prompt", "node", "position")
+    assert_close(heads(got["head"].values), heads(ref["head"]).sum(-1), **TOL)
+    assert_close(torch.tensor(got["head"].per_prompt["clean_metric"]), metric[0], **TOL)
+    assert got["head"].dims == ("prompt", "layer", "head") and got["head"].labels["head"][:2] == ["H0", "H1"]
+    assert got["attn"].dims == ("prompt", "layer") and got["attn"].labels["layer"][1] == "L1"
+    assert got["resid"].dims == ("prompt", "layer", "position") and got["head_pos"].by == "head_pos"
 
 
 def test_unequal_lengths_node_level_matches_reference(zoo):
@@ -161,7 +162,7 @@ def test_unequal_lengths_node_level_matches_reference(zoo):
     for i in range(len(CLEAN)):  # each pair alone: padded only against its own partner
         ref, _ = hooks_atp(hf, CLEAN[i : i + 1], UNEQUAL[i : i + 1], ANSWER[i : i + 1], DISTRACTOR[i : i + 1])
         assert_close(got["attn"].values[i], ref["attn"][0].sum(-1), **TOL)
-        assert_close(got["head"].values[i], ref["head"][0].flatten(0, 1).sum(-1), **TOL)
+        assert_close(got["head"].values[i], ref["head"][0].sum(-1), **TOL)
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -176,15 +177,11 @@ def test_exact_where_the_metric_is_linear_in_the_node(zoo, corrupted):
     ig = attribution_patching.run(model, CLEAN, corrupted, ANSWER, DISTRACTOR, nodes=nodes, align=align,
                                   method="ig", steps=2)
     exact = activation_patching.run(model, CLEAN, corrupted, ANSWER, DISTRACTOR, nodes=nodes, align=align)
-    d = nnattr.dims(model)
-    last = {"attn": [d.n_layers - 1], "mlp": [d.n_layers - 1], "head": list(range((d.n_layers - 1) * d.n_heads,
-                                                                                  d.n_layers * d.n_heads))}
-    for node in nodes:
-        rows = last[node.removesuffix("_pos")]
-        truth = metric_effect(exact[node])[:, rows]
+    for node in nodes:  # the last layer: [pair, (head,) (position)]
+        truth = metric_effect(exact[node])[:, -1]
         assert node == "mlp" or truth.nan_to_num().abs().max() > 0.05  # a real effect, not zeros
-        assert_close(estimate[node].values[:, rows], truth, atol=1e-4, rtol=1e-4, equal_nan=True)
-        assert_close(ig[node].values[:, rows], truth, atol=1e-4, rtol=1e-4, equal_nan=True)
+        assert_close(estimate[node].values[:, -1], truth, atol=1e-4, rtol=1e-4, equal_nan=True)
+        assert_close(ig[node].values[:, -1], truth, atol=1e-4, rtol=1e-4, equal_nan=True)
     # the MLP of the last layer is zero, so patching it changes nothing
     assert_close(exact["mlp"].values[:, -1], torch.zeros(len(CLEAN)))
 
@@ -202,8 +199,8 @@ def test_residual_patch_recovers_exactly_where_the_prompts_differ(zoo):
         assert_close(row[0], expected, **TOL)
         assert_close(row[:, :2], torch.zeros(row.shape[0], 2), **TOL)  # before the change nothing differs
         assert_close(estimate["resid"][i].values[:, :2], torch.zeros(row.shape[0], 2))
-    assert_close(torch.tensor(exact["resid"].meta["clean_metric"]),
-                 torch.tensor(estimate["resid"].meta["clean_metric"]), **TOL)
+    assert_close(torch.tensor(exact["resid"].per_prompt["clean_metric"]),
+                 torch.tensor(estimate["resid"].per_prompt["clean_metric"]), **TOL)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -217,7 +214,7 @@ def test_batched_equals_looped(zoo):
     for node in kw["nodes"]:
         assert_close(together[node].values, one_by_one[node].values, **TOL)
     exact_all = activation_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, batch_size=None, **kw)
-    exact_small = activation_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, batch_size=3, **kw)
+    exact_small = activation_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, batch_size=1, rows=3, **kw)
     for node in kw["nodes"]:
         assert_close(exact_all[node].values, exact_small[node].values, **TOL)
 
@@ -265,7 +262,7 @@ def test_per_position_scores_refuse_unequal_lengths_unless_aligned(zoo):
     lengths = [len(tiny.tokenizer()(p)["input_ids"]) for p in (CLEAN, UNEQUAL) for p in p]
     for i in range(len(CLEAN)):
         c, k = lengths[i], lengths[len(CLEAN) + i]
-        row = out["head_pos"].values[i]  # [node, position], right-aligned to the longest corrupted prompt
+        row = out["head_pos"].values[i].flatten(0, 1)  # [node, position], right-aligned to the longest corrupted prompt
         assert row[:, -min(c, k):].isfinite().all() and row[:, : row.shape[1] - min(c, k)].isnan().all()
     assert_close(out["head_pos"].values.nansum(-1), out["head"].values, **TOL)
     assert len(out["resid"][0].labels["position"]) == lengths[len(CLEAN)]  # one prompt: its own tokens
@@ -286,7 +283,7 @@ def test_top_k_mode_patches_only_the_candidates(zoo):
         assert done.sum() == 3 * len(CLEAN)
         assert_close(top[node].values[done], full[node].values[done], **TOL)
         mean = top[node].mean()
-        done_entries = mean.values.isfinite().nonzero()  # [entry, (node, position)]
+        done_entries = mean.values.isfinite().nonzero()  # [entry, (layer, head, position)]
         patched = {tuple(mean.labels[d][int(j)] for d, j in zip(mean.dims, row)) for row in done_entries}
         assert patched == {labels for labels, _ in estimate[node].mean().top(3)}
 
@@ -324,7 +321,8 @@ def test_kernels_against_loops():
     mask = K.overlap_mask(torch.tensor([5, 3]), torch.tensor([4, 5]), 5)
     assert mask.tolist() == [[False, True, True, True, True], [False, False, True, True, True]]
     delta = K.pair_delta(act, mask)
-    scores = K.attribution_scores(K.path_gradient(grad, n_pairs=2, steps=1), delta, n_heads=2)  # [2, head, pos]
+    scores = K.head_attribution_scores(K.path_gradient(grad, n_pairs=2, steps=1), delta, n_heads=2)  # [2, head, pos]
+    assert_close(K.attribution_scores(K.path_gradient(grad, n_pairs=2, steps=1), delta), scores.sum(1))
     for i in range(2):
         for h in range(2):
             for p in range(5):
@@ -347,7 +345,7 @@ def test_validation_report(zoo):
         warnings.simplefilter("always")
         report = compare(estimate, exact, k=3)
     assert any(issubclass(w.category, ApproximationWarning) and "resid" in str(w.message) for w in caught)
-    assert any("0_mlp_out" in w for w in report.warnings)
+    assert any("L0 mlp" in w for w in report.warnings)
     assert set(report.agreements) == set(nodes) and -1 <= report["head"].pearson <= 1
     assert "| head | 8 |" in report.table()
     json.dumps(report.to_dict())
@@ -444,7 +442,7 @@ if ndif is not None:
     (attribution_patching, dict(nodes=NODES)),
     (attribution_patching, dict(nodes=("head", "resid"), method="ig", steps=2)),
     (activation_patching, dict(nodes=("resid", "attn", "head"), batch_size=None)),
-    (activation_patching, dict(nodes=("resid", "attn", "head"), batch_size=8)),  # many forwards, one session
+    (activation_patching, dict(nodes=("resid", "attn", "head"), rows=8)),  # many forwards, one session
 ], ids=["atp", "ig", "exact", "exact-session"])
 def test_remote_equals_local_in_one_request(server, recipe, kwargs):
     local = recipe.run(REMOTE_CLIENT, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, **kwargs)
@@ -455,4 +453,4 @@ def test_remote_equals_local_in_one_request(server, recipe, kwargs):
     assert server.last.result_size < 20_000  # scores and metrics, never activations
     for node in local:
         assert_close(far[node].values, local[node].values, atol=1e-5, rtol=1e-5, equal_nan=True)
-        assert far[node].meta["clean_metric"] == pytest.approx(local[node].meta["clean_metric"], abs=1e-5)
+        assert far[node].per_prompt["clean_metric"] == pytest.approx(local[node].per_prompt["clean_metric"], abs=1e-5)

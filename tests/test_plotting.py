@@ -15,11 +15,13 @@ L, H = 3, 4
 TOKENS = ("<bos>", "When", "Mary", "and", "John", "went", "to", "the", "store", ",", "John", "gave", "a", "drink", "to")
 T = len(TOKENS)
 POS = [str(p - T) for p in range(T)]
-DLA = {"target": [" Mary"], "distractor": [" John"], "logit": [1.5]}
+DLA = dict(method="direct_logit_attribution", units="direct effect (logits)", metric="logit(' Mary') − logit(' John')",
+           per_prompt={"target": [" Mary"], "distractor": [" John"], "logit": [1.5]})
 
 
-def result(values, dims, labels, meta, tokens=(TOKENS,)):
-    return Attribution(values, ("prompt",) + dims, {"prompt": ["p"] * values.shape[0], **labels}, meta, tokens)
+def result(values, dims, labels, tokens=(TOKENS,), **fields):
+    return Attribution(values, ("prompt",) + dims, {"prompt": ["p"] * values.shape[0], **labels}, tokens=tokens,
+                       **fields)
 
 
 def layer_head(n_layers=L, n_heads=H):
@@ -33,45 +35,48 @@ def lens(n_layers=L, tokens=TOKENS, n_prompts=1, words=("Mary", "John", "a", "Ġ
     top = [[[[words[(i * 7 + j + k) % len(words)] for k in range(5)] for j in range(n)] for i in range(len(layers))]] * n_prompts
     ranks = [[[(i + j) % 3 for j in range(n)] for i in range(len(layers))]] * n_prompts
     return result(torch.rand(n_prompts, len(layers), n, generator=g), ("layer", "position"),
-                  {"layer": layers, "position": [str(p - n) for p in range(n)]},
-                  {"method": "logit_lens", "top_tokens": top, "target_rank": ranks, "target": [" Mary"] * n_prompts},
-                  (tuple(tokens),) * n_prompts)
+                  {"layer": layers, "position": [str(p - n) for p in range(n)]}, (tuple(tokens),) * n_prompts,
+                  method="logit_lens", title="Logit lens", units="probability of the expected token",
+                  per_prompt={"top_tokens": top, "target_rank": ranks, "target": [" Mary"] * n_prompts})
 
 
 def rollout():
     r = torch.rand(1, T, T).tril()
     return result(r / r.sum(-1, keepdim=True), ("query", "key"), {"query": POS, "key": POS},
-                  {"method": "attention_rollout", "residual": 0.5, "head_fusion": "mean"})
+                  method="attention_rollout", title="Attention rollout", by="rollout", units="rollout weight",
+                  meta={"residual": 0.5, "head_fusion": "mean"})
 
 
+PATCHING = dict(method="attribution_patching", units="estimated effect (metric)", metric="logit(' Mary') − logit(' John')")
 CASES = {
     "heads": lambda: result(torch.randn(1, L, H), ("layer", "head"), layer_head(),
-                            {"method": "direct_logit_attribution[head]", **DLA}),
-    "heads_mean": lambda: result(torch.randn(2, L, H), ("layer", "head"), layer_head(),
-                                 {"method": "head_attribution[head]", "target": [" Mary"] * 2, "distractor": None},
-                                 (TOKENS, TOKENS[2:])),
+                            title="Direct logit attribution by head", by="head", **DLA),
+    "heads_mean": lambda: result(torch.randn(2, L, H), ("layer", "head"), layer_head(), (TOKENS, TOKENS[2:]),
+                                 method="head_attribution", title="Head attribution (gradient × activation)",
+                                 by="head", metric="logit(' Mary')", per_prompt={"target": [" Mary"] * 2}),
     "components": lambda: result(torch.randn(1, 2 + 2 * L + 1), ("component",),
                                  {"component": ["embed", "pos_embed"] + [f"{i}_{p}" for i in range(L)
                                                                           for p in ("attn_out", "mlp_out")] + ["bias"]},
-                                 {"method": "direct_logit_attribution[component]", **DLA}),
+                                 title="Direct logit attribution by component", by="component", **DLA),
     "layers": lambda: result(torch.randn(1, L + 2), ("layer",), {"layer": ["embed"] + [f"L{i}" for i in range(L)] + ["bias"]},
-                             {"method": "direct_logit_attribution[layer]", **DLA}),
+                             title="Direct logit attribution by layer", by="layer", **DLA),
     "lens": lens,
     "lens_mean": lambda: lens(n_prompts=3),
     "rollout": rollout,
     "flow": lambda: result(torch.rand(1, H, T, T), ("head", "query", "key"),
-                           {"head": [f"H{h}" for h in range(H)], "query": POS, "key": POS}, {"method": "attention_flow"}),
+                           {"head": [f"H{h}" for h in range(H)], "query": POS, "key": POS},
+                           method="attention_rollout", title="Attention flow (per head, last layer)", by="flow"),
     "head_position": lambda: result(torch.randn(1, L, H, T), ("layer", "head", "position"), {**layer_head(), "position": POS},
-                                    {"method": "direct_logit_attribution[head_position]", **DLA}),
-    "position": lambda: result(torch.randn(1, T), ("position",), {"position": POS}, {"method": "saliency"}),
-    "patching_heads": lambda: result(torch.randn(1, L * H), ("node",), {"node": [f"L{i}H{h}" for i in range(L) for h in range(H)]},
-                                     {"method": "attribution_patching[atp]", "answer": ["Mary"], "distractor": ["John"],
-                                      "node_type": "head"}),
-    "patching_mlp": lambda: result(torch.randn(1, L), ("node",), {"node": [f"{i}_mlp_out" for i in range(L)]},
-                                   {"method": "activation_patching", "answer": ["Mary"], "node_type": "mlp"}),
-    "patching_resid": lambda: result(torch.randn(1, L, T), ("node", "position"),
-                                     {"node": [f"resid_pre_{i}" for i in range(L)], "position": POS},
-                                     {"method": "attribution_patching[atp]", "node_type": "resid"}),
+                                    title="Direct logit attribution by head and position", by="head_position", **DLA),
+    "position": lambda: result(torch.randn(1, T), ("position",), {"position": POS}, method="saliency", title="Saliency"),
+    "patching_heads": lambda: result(torch.randn(1, L, H), ("layer", "head"), layer_head(), by="head",
+                                     title="Attribution patching (AtP) · head nodes", **PATCHING),
+    "patching_mlp": lambda: result(torch.randn(1, L), ("layer",), {"layer": [f"L{i}" for i in range(L)]}, by="mlp",
+                                   title="Activation patching · mlp nodes", method="activation_patching",
+                                   units="recovered fraction"),
+    "patching_resid": lambda: result(torch.randn(1, L, T), ("layer", "position"),
+                                     {"layer": [f"L{i}" for i in range(L)], "position": POS}, by="resid",
+                                     title="Attribution patching (AtP) · resid nodes", **PATCHING),
 }
 
 
@@ -96,13 +101,13 @@ def test_picture_is_chosen_by_dimensions():
     assert len(bars.patches) == 2 + 2 * L + 1
     assert "3_attn_out" not in [t.get_text() for t in bars.get_xticklabels()]
     assert "2_attn_out" in [t.get_text() for t in bars.get_xticklabels()]
-    grid = CASES["patching_heads"]().plot().axes[0]  # L3H7 node labels become a layer x head grid
+    grid = CASES["patching_heads"]().plot().axes[0]  # heads are a layer x head grid, as everywhere
     assert grid.get_images()[0].get_array().shape == (L, H)
 
 
 def test_signed_values_use_a_diverging_map_centred_at_zero():
     a = result(torch.tensor([[[0.5, 3.0], [1.0, 2.0]]]), ("layer", "head"), layer_head(2, 2),
-               {"method": "head_attribution[head]"})  # all positive: the centre must still be 0
+               method="head_attribution")  # all positive: the centre must still be 0
     image = a.plot().axes[0].get_images()[0]
     assert image.cmap.name == "RdBu_r"
     assert image.norm.vmin == -image.norm.vmax == pytest.approx(-3.0)
@@ -116,7 +121,7 @@ def test_titles_name_method_metric_and_averaging():
     assert unit == "direct effect (logits)"
     title, _ = describe(CASES["heads_mean"]().single())
     assert "mean over 2 prompts" in title
-    assert "Attribution patching (atp) · head nodes" in describe(CASES["patching_heads"]().single())[0]
+    assert "Attribution patching (AtP) · head nodes" in describe(CASES["patching_heads"]().single())[0]
 
 
 def test_lens_writes_the_top_token_in_each_cell_and_marks_hits():
@@ -139,7 +144,7 @@ def test_draws_into_a_given_axes():
 
 def test_unplottable_dimensions_are_refused():
     a = Attribution(torch.zeros(1, 2, 2, 2), ("prompt", "a", "b", "c"),
-                    {"prompt": ["p"], "a": ["0", "1"], "b": ["0", "1"], "c": ["0", "1"]}, {"method": "x"})
+                    {"prompt": ["p"], "a": ["0", "1"], "b": ["0", "1"], "c": ["0", "1"]}, method="x")
     with pytest.raises(ValueError, match=r"no picture for dimensions \('a', 'b', 'c'\)"):
         plot(a)
 
@@ -165,17 +170,17 @@ def test_no_overlapping_text_at_40_tokens_and_32_layers(case):
     big = {
         "lens": lambda: lens(n_layers=32, tokens=tokens, words=("extraordinarily", "interpretability")),
         "heads": lambda: result(torch.randn(1, 32, 32), ("layer", "head"), layer_head(32, 32),
-                                {"method": "direct_logit_attribution[head]", **DLA}),
+                                title="Direct logit attribution by head", **DLA),
         "components": lambda: result(torch.randn(1, 67), ("component",),
                                      {"component": ["embed", "pos_embed"] + [f"{i}_{p}" for i in range(32)
                                                                               for p in ("attn_out", "mlp_out")] + ["bias"]},
-                                     {"method": "direct_logit_attribution[component]", **DLA}),
+                                     title="Direct logit attribution by component", **DLA),
         "rollout": lambda: result(torch.rand(1, 40, 40).tril(), ("query", "key"),
                                   {"query": [str(p - 40) for p in range(40)], "key": [str(p - 40) for p in range(40)]},
-                                  {"method": "attention_rollout"}, (tokens,)),
+                                  (tokens,), method="attention_rollout", title="Attention rollout"),
         "head_position": lambda: result(torch.randn(1, 32, 32, 40), ("layer", "head", "position"),
                                         {**layer_head(32, 32), "position": [str(p - 40) for p in range(40)]},
-                                        {"method": "direct_logit_attribution[head_position]", **DLA}, (tokens,)),
+                                        (tokens,), title="Direct logit attribution by head and position", **DLA),
     }[case]()
     fig = big.plot()
     renderer = FigureCanvasAgg(fig).get_renderer()

@@ -88,7 +88,7 @@ def test_dla_components_sum_to_the_logit(zoo, arch):
             _, logit = ref.dla_components(hf, ids(p), t, d)  # lm_head's own (pre-soft-cap) logit
             close(result.values[i].sum(), logit[0])
             close(layers.values[i].sum(), logit[0])
-            close(torch.tensor(result.meta["logit"][i]), logit[0])
+            close(torch.tensor(result.per_prompt["logit"][i]), logit[0])
     if arch == "gemma2":  # the soft-capped sum is the model's output logit
         cap = hf.config.final_logit_softcapping
         with torch.no_grad():
@@ -132,8 +132,8 @@ def _logit_lens(hf, model):
         expected = torch.cat([x[0, 1:], top[None]])[None]  # [1, pos]: next token, then the answer
         prob, rank, top_prob = ref.logit_lens(hf, x, expected, k=3)
         close(result[i].values, prob[:, 0])
-        assert result.meta["target_rank"][i] == rank[:, 0].tolist()
-        close(torch.tensor(result.meta["top_probs"][i]), top_prob[:, 0])
+        assert result.per_prompt["target_rank"][i] == rank[:, 0].tolist()
+        close(torch.tensor(result.per_prompt["top_probs"][i]), top_prob[:, 0])
 
 
 def _head_attribution(hf, model):
@@ -227,14 +227,14 @@ def test_chunked_run_equals_unchunked(zoo, recipe):
 def test_logit_lens_last_layer_is_the_model(zoo, arch):
     hf, model = zoo(arch)
     every = logit_lens.run(model, PROMPTS, positions="all")
-    last = logit_lens.run(model, PROMPTS, TARGETS)
+    last = logit_lens.run(model, PROMPTS, TARGETS, positions="last")
     for i, p in enumerate(PROMPTS):
         x = ids(p)
         with torch.no_grad():
             probs = hf(x).logits[0].softmax(-1)  # [pos, vocab]
         expected = torch.cat([x[0, 1:], probs[-1].argmax()[None]])
         close(every[i].values[-1], probs.gather(-1, expected[:, None])[:, 0])
-        close(last.values[i, -1, 0], probs[-1, token(TARGETS[i])])
+        close(last.values[i, -1], probs[-1, token(TARGETS[i])])
 
 
 def test_logit_lens_builds_no_graph_over_the_vocabulary(zoo):
@@ -384,9 +384,9 @@ def test_result_holds_no_autograd_graph(zoo, name):
 
 def test_logit_lens_last_position_indexes(zoo):
     _, model = zoo("gpt2")
-    result = logit_lens.run(model, PROMPTS)  # positions="last": one position per prompt, not its tokens
+    result = logit_lens.run(model, PROMPTS, positions="last")  # the last position only: no position dimension
     one = result[1]
-    assert one.dims == ("layer", "position") and one.labels["position"] == ["last"]
+    assert one.dims == ("layer",) and len(one.meta["top_tokens"][0]) == 1
     close(one.values, result.values[1])
 
 

@@ -83,11 +83,12 @@ def ndif(_server):
 def same(a, b, tol=1e-6):
     """Two results are equal: values within ``tol`` (NaN padding in the same places), the rest exactly."""
     assert (a.dims, dict(a.labels), a.tokens) == (b.dims, dict(b.labels), b.tokens)
+    assert (a.method, a.title, a.by, a.units, a.metric, a.meta) == (b.method, b.title, b.by, b.units, b.metric, b.meta)
     torch.testing.assert_close(a.values, b.values, atol=tol, rtol=0, equal_nan=True)
-    assert json.loads(json.dumps(dict(a.meta), default=str)).keys() == dict(b.meta).keys()
-    for key in a.meta:
-        x, y = a.meta[key], b.meta[key]
-        if key in ("top_probs", "logit", "metric"):  # floats, nested and ragged
+    assert a.per_prompt.keys() == b.per_prompt.keys()
+    for key in a.per_prompt:
+        x, y = a.per_prompt[key], b.per_prompt[key]
+        if key in ("top_probs", "logit", "metric", "clean_metric", "corrupted_metric"):  # floats, nested and ragged
             torch.testing.assert_close(torch.tensor(_flat(x)), torch.tensor(_flat(y)), atol=tol, rtol=0)
         else:
             assert x == y, key
@@ -178,7 +179,7 @@ def test_bf16_server_returns_float32_scores_that_add_up():
     with LoopbackNDIF({repo: factory}, dtype=torch.bfloat16) as server, offline_repo_ids(repo), \
             client_config(server.host, KEY, repo_ids=[repo], remote_logging=False):
         result = direct_logit_attribution.run(model, PROMPTS, TARGETS, remote=True)
-    logit = torch.tensor(result.meta["logit"])
+    logit = torch.tensor(result.per_prompt["logit"])
     assert result.values.dtype == torch.float32
     torch.testing.assert_close(result.values.sum(-1), logit, atol=1e-3, rtol=2 ** -8)
     local = direct_logit_attribution.run(model, PROMPTS, TARGETS)

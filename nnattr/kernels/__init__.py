@@ -31,6 +31,8 @@ from .heads import expand_kv, first, o_proj_per_head, split_heads, split_values
 from .lens import inverse_softcap, lens_summary, softcap, topk_flat
 from .patching import (
     attribution_scores,
+    gradients,
+    head_attribution_scores,
     interpolate,
     logit_diff,
     normalised_recovery,

@@ -17,8 +17,27 @@ Exact patching puts the clean activation into the corrupted row (``patched_rows`
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from einops import rearrange
+
+
+def gradients(output: torch.Tensor, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``d output / d inputs`` for a scalar ``output``: ``torch.autograd.grad``, inside a trace too.
+
+    Gradients are computed for ``inputs`` only (activations the trace captured), never for the
+    weights. When no graph reaches ``output`` the error says why: the process runs under
+    ``torch.inference_mode`` (a server that refuses gradients), or the trace never started a
+    graph (frozen, hosted parameters: call ``.requires_grad_(True)`` on the earliest activation).
+    """
+    if not output.requires_grad:
+        why = ("this process runs the trace under torch.inference_mode, so gradients are unavailable here"
+               if torch.is_inference_mode_enabled() else
+               "the trace started no graph: frozen (hosted) parameters never require grad, so call "
+               ".requires_grad_(True) on the earliest activation, e.g. model.embed.output")
+        raise RuntimeError(f"the metric does not require grad: {why}")
+    return torch.autograd.grad(output, list(inputs))
 
 
 def logit_diff(logits: torch.Tensor, answer: torch.Tensor, distractor: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,21 +92,25 @@ def path_gradient(grad: torch.Tensor, *, n_pairs: int, steps: int = 0) -> torch.
     return path.mean(0)
 
 
-def attribution_scores(grad: torch.Tensor, delta: torch.Tensor, *, n_heads: int | None = None) -> torch.Tensor:
-    """``grad . delta`` per pair and position: ``[n, pos]``, or per head ``[n, head, pos]``.
+def attribution_scores(grad: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``grad . delta`` per pair and position. grad, delta: ``[n, pos, width]``. Returns ``[n, pos]``."""
+    if grad.shape != delta.shape:
+        raise ValueError(f"gradient {tuple(grad.shape)} and delta {tuple(delta.shape)} differ")
+    return (grad.float() * delta.float()).sum(-1)
 
-    grad, delta: ``[n, pos, width]``; with ``n_heads`` the width is ``head * d_head`` (the input
-    of the attention output projection) and the dot product runs over ``d_head`` only.
+
+def head_attribution_scores(grad: torch.Tensor, delta: torch.Tensor, *, n_heads: int) -> torch.Tensor:
+    """``grad . delta`` per pair, head and position: ``[n, head, pos]``.
+
+    grad, delta: ``[n, pos, head * d_head]`` (the input of the attention output projection);
+    the dot product runs over ``d_head`` only.
     """
     if grad.shape != delta.shape:
         raise ValueError(f"gradient {tuple(grad.shape)} and delta {tuple(delta.shape)} differ")
-    product = grad.float() * delta.float()  # [n, pos, width]
-    if n_heads is None:
-        return product.sum(-1)
-    if product.shape[-1] % n_heads:
-        raise ValueError(f"width {product.shape[-1]} of {tuple(product.shape)} is not divisible by n_heads={n_heads}")
-    per_head = rearrange(product, "n pos (head d_head) -> n head pos d_head", head=n_heads)
-    return per_head.sum(-1)
+    if grad.shape[-1] % n_heads:
+        raise ValueError(f"width {grad.shape[-1]} of {tuple(grad.shape)} is not divisible by n_heads={n_heads}")
+    product = grad.float() * delta.float()  # [n, pos, head * d_head]
+    return rearrange(product, "n pos (head d_head) -> n head pos d_head", head=n_heads).sum(-1)
 
 
 def interpolate(emb: torch.Tensor, mask: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:

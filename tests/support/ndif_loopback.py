@@ -109,6 +109,24 @@ _OOM_MESSAGE = (
 )
 
 
+def _forget_client_sources() -> None:
+    """Empty nnsight's source caches and ``linecache``, as in a fresh server process.
+
+    The server recompiles a block from the source the client sent and registers it in
+    ``linecache``; a nested ``with`` (``backward()``, an inner trace of a session) is then found
+    in that source. In this process the caches still hold the client's own files, which would
+    be read instead: a block with a comment or blank line above a nested ``with`` would fail
+    here although it runs on NDIF. `block_scope` (entered first) restores them afterwards.
+    """
+    import linecache
+
+    from nnsight.tracing.globals import BLOCKS, SOURCES
+
+    SOURCES.clear()
+    BLOCKS.clear()
+    linecache.cache.clear()
+
+
 def _ndif():
     """The pieces of the `ndif` package the loopback runs (imported lazily, so a
     missing install fails at `start()` with a clear message, not at collection)."""
@@ -945,6 +963,10 @@ class LoopbackNDIF:
         model = job.model
         scope = core.block_scope()
         scope.__enter__()
+        # A real server is another process: it has never read the client's files. Here the
+        # client's nnsight caches (the source of the files it traced, the blocks it parsed) share
+        # the process, so hide them for the request; block_scope restores them afterwards.
+        _forget_client_sources()
         started = time.time()
         try:
             model._remoteable_set_env(request.env)

@@ -1,0 +1,226 @@
+"""Prompts prepared once: token ids, token strings, answer ids, labels and the model's facts.
+
+Every recipe, `nnattr.pairs`, the report and the CLI build one `Batch` per call and read
+everything from it; nothing is tokenised twice. A trace receives ``batch.inputs`` (left-padded
+ids and mask, the form nnsight gives a causal LM) and plain values read from the batch before
+the ``with``: a `Batch` is a client-side object and never travels to NDIF.
+
+>>> import nnattr
+>>> from nnattr.batch import Batch
+>>> model = nnattr.load("tiny-ioi")
+>>> batch = Batch.of(model, ["When Mary and John went to the store , John gave a drink to"], " Mary")
+>>> batch.lengths, batch.tokens[0][:3], batch.target
+((15,), ('<bos>', 'When', ' Mary'), (41,))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+
+from .arch import Arch, arch_of
+
+Token = Union[str, int]
+#: One prompt or many: text, a list of token ids, a ``[pos]`` or ``[batch, pos]`` id tensor, or
+#: a tokenizer encoding ``{"input_ids", "attention_mask"}`` (padding on either side).
+Prompts = Union[str, Sequence[str], Sequence[Sequence[int]], torch.Tensor, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Prepared prompts: one row per prompt, unpadded, with their answers.
+
+    ``ids`` and ``tokens`` hold each prompt's own tokens (special tokens included);
+    ``labels`` name the prompts in results (their text); ``target`` / ``distractor`` hold one
+    token id per prompt, or None. ``width`` is the longest prompt: every chunk of the batch is
+    padded to it, so results of any chunking line up position by position, right-aligned.
+    """
+
+    ids: tuple[tuple[int, ...], ...]
+    tokens: tuple[tuple[str, ...], ...]
+    labels: tuple[str, ...]
+    target: tuple[int, ...] | None
+    distractor: tuple[int, ...] | None
+    arch: Arch
+    pad_id: int
+    width: int
+    tokenizer: Any = field(repr=False, compare=False, default=None)
+
+    @classmethod
+    def of(cls, model, prompts: Prompts, target: Token | Sequence[Token] | None = None,
+           distractor: Token | Sequence[Token] | None = None, *, role: str = "target") -> "Batch":
+        """Validate and tokenise ``prompts`` (once) and the answer tokens for ``model``.
+
+        A single ``target`` or ``distractor`` is shared by every prompt; a sequence gives one
+        per prompt. ``role`` names the target in error messages (``"answer"`` for pairs).
+        ``prompts`` may be a `Batch` already: it is reused as it is (answers given here replace
+        its own), so a workflow tokenises its prompts once.
+        """
+        tok = model.tokenizer
+        if isinstance(prompts, Batch):
+            n = len(prompts)
+            return replace(prompts,
+                           target=prompts.target if target is None else token_ids(tok, target, n, role=role),
+                           distractor=prompts.distractor if distractor is None else
+                           token_ids(tok, distractor, n, role="distractor"))
+        ids = _ids(tok, prompts)
+        tokens = tuple(tuple(tok.decode([i]) for i in row) for row in ids)
+        labels = tuple(prompts) if _texts(prompts) else tuple(tok.decode(row) for row in ids)
+        if isinstance(prompts, str):
+            labels = (prompts,)
+        _check_known(tok, ids, labels if _texts(prompts) or isinstance(prompts, str) else None)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return cls(ids, tokens, labels, token_ids(tok, target, len(ids), role=role),
+                   token_ids(tok, distractor, len(ids), role="distractor"), arch_of(model),
+                   0 if pad is None else int(pad), max(map(len, ids)), tok)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(map(len, self.ids))
+
+    def __getitem__(self, index: slice) -> "Batch":
+        """The prompts ``index`` (a slice) as a batch of the same ``width``: a chunk."""
+        if not isinstance(index, slice):
+            raise TypeError(f"a Batch is sliced into chunks (batch[2:4]), not indexed with {index!r}")
+        pick = lambda xs: None if xs is None else xs[index]  # noqa: E731
+        return replace(self, ids=self.ids[index], tokens=self.tokens[index], labels=self.labels[index],
+                       target=pick(self.target), distractor=pick(self.distractor))
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """``{"input_ids", "attention_mask"}``, ``[batch, width]``, left-padded: what a trace takes."""
+        rows = [(self.width - len(r), r) for r in self.ids]
+        return {
+            "input_ids": torch.tensor([[self.pad_id] * pad + list(r) for pad, r in rows]),
+            "attention_mask": torch.tensor([[0] * pad + [1] * len(r) for pad, r in rows]),
+        }
+
+    def answer(self, role: str = "target") -> torch.Tensor | None:
+        """``target`` or ``distractor`` ids as a ``[batch]`` tensor (None when not given)."""
+        ids = getattr(self, role)
+        return None if ids is None else torch.tensor(ids)
+
+    def metric(self, target=None) -> str:
+        """The default metric in words: ``"logit(' Mary') − logit(' John')"``, or ``logit(target)``
+        when prompts differ. ``target``: the answer ids a trace chose (the model's top prediction)."""
+        target = self.target if target is None else tuple(int(t) for t in target)
+
+        def logit(ids, role):
+            if ids is None:
+                return None
+            return f"logit({self.tokenizer.decode([ids[0]])!r})" if len(set(ids)) == 1 else f"logit({role})"
+
+        answer = logit(target, "target") or "logit(top prediction)"
+        other = logit(self.distractor, "distractor")
+        return answer if other is None else f"{answer} − {other}"
+
+    def decode(self, ids) -> list[str]:
+        """Token strings of ids (a list or tensor): ``[" Mary", ...]``."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+
+def as_prompts(prompts: Sequence[str] | str) -> list[str]:
+    """One text prompt or many, as a non-empty list of non-empty strings."""
+    items = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not items:
+        raise ValueError("no prompts given: pass a string or a list of strings")
+    for i, p in enumerate(items):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} is a {type(p).__name__}, not a string")
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+    return items
+
+
+def token_id(tokenizer, token: Token, *, role: str = "target") -> int:
+    """The id of a single-token string or an id, or a clear error.
+
+    Strings are encoded without special tokens and must give exactly one token that is not
+    the tokenizer's unknown token. Write the leading space where the tokenizer expects one
+    (GPT-2: ``" Mary"``).
+    """
+    vocab = len(tokenizer)
+    if isinstance(token, bool) or not isinstance(token, (str, int)):
+        raise TypeError(f"{role} must be a token string or an int id, got {type(token).__name__}")
+    if isinstance(token, int):
+        if not 0 <= token < vocab:
+            raise ValueError(f"{role} id {token} is outside the vocabulary [0, {vocab})")
+        return token
+    if token == "":
+        raise ValueError(f"{role} is an empty string: pass one token, e.g. ' Mary'")
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    if len(ids) != 1:
+        raise ValueError(
+            f"{role} {token!r} is {len(ids)} tokens {pieces}: it must be a single token. "
+            f"Pick one token (e.g. the first, {pieces[0]!r}) or pass its id."
+            if ids
+            else f"{role} {token!r} encodes to no tokens"
+        )
+    unk = tokenizer.unk_token_id
+    if unk is not None and ids[0] == unk and token != tokenizer.unk_token:
+        raise ValueError(f"{role} {token!r} is not in the vocabulary (it encodes to the unknown token)")
+    return ids[0]
+
+
+def token_ids(tokenizer, tokens: Token | Sequence[Token] | None, n: int, *, role: str) -> tuple[int, ...] | None:
+    """One id per prompt: a single token is shared by all prompts, a sequence gives one each."""
+    if tokens is None:
+        return None
+    if isinstance(tokens, (str, int)):
+        return (token_id(tokenizer, tokens, role=role),) * n
+    tokens = list(tokens)
+    if len(tokens) != n:
+        raise ValueError(f"{len(tokens)} {role}s for {n} prompts: give one {role}, or one per prompt")
+    return tuple(token_id(tokenizer, t, role=role) for t in tokens)
+
+
+def _texts(prompts) -> bool:
+    return isinstance(prompts, (list, tuple)) and bool(prompts) and all(isinstance(p, str) for p in prompts)
+
+
+def _ids(tokenizer, prompts: Prompts) -> tuple[tuple[int, ...], ...]:
+    """Each prompt's token ids, unpadded."""
+    if isinstance(prompts, Mapping):  # an encoding: drop padding by its mask
+        ids = torch.as_tensor(prompts["input_ids"])
+        mask = torch.as_tensor(prompts.get("attention_mask", torch.ones_like(ids)))
+        if ids.ndim == 1:
+            ids, mask = ids[None], mask[None]
+        return tuple(tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask)) or _none()
+    if isinstance(prompts, torch.Tensor):
+        if prompts.ndim not in (1, 2) or prompts.dtype.is_floating_point:
+            raise ValueError(f"token ids must be an integer tensor [pos] or [batch, pos], got {prompts.dtype} "
+                             f"{tuple(prompts.shape)}; pass an encoding with its attention_mask for padded rows")
+        rows = prompts[None] if prompts.ndim == 1 else prompts
+        return tuple(tuple(row.tolist()) for row in rows) or _none()
+    if not isinstance(prompts, str) and prompts and all(isinstance(p, (list, tuple)) for p in prompts):
+        for i, row in enumerate(prompts):
+            if not row or not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
+                raise ValueError(f"prompt {i} must be a non-empty list of int token ids")
+        return tuple(tuple(row) for row in prompts)
+    return tuple(tuple(tokenizer(p)["input_ids"]) for p in as_prompts(prompts))
+
+
+def _none():
+    raise ValueError("no prompts given: the token ids hold no rows")
+
+
+def _check_known(tokenizer, ids, texts) -> None:
+    """Refuse prompts with words a word-level tokenizer does not know (they would silently
+    become the unknown token). Sub-word tokenizers never produce it for ordinary text."""
+    unk = tokenizer.unk_token_id
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if unk is not None and unk in row:
+            words = [w for w in (texts[i].split() if texts else [])
+                     if tokenizer(w, add_special_tokens=False)["input_ids"] == [unk]]
+            raise ValueError(f"prompt {i} has tokens not in the vocabulary: {words or row}")
+
+
+__all__ = ["Batch", "Prompts", "Token", "as_prompts", "token_id", "token_ids"]
