@@ -7,8 +7,9 @@
 """
 
 from .arch import ArchSpec, dims, spec_for, supported
+from .batch import Batch
 from .loading import load
 from .result import Attribution
 
 __version__ = "0.1.0"
-__all__ = ["Attribution", "ArchSpec", "dims", "load", "spec_for", "supported", "__version__"]
+__all__ = ["Attribution", "ArchSpec", "Batch", "dims", "load", "spec_for", "supported", "__version__"]

@@ -19,11 +19,13 @@ import importlib
 import importlib.util
 import inspect
 import json
-import math
 import sys
 import typing
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+
+from .result import Attribution
 
 DEFAULT_MODEL = "tiny-ioi"
 EXAMPLE = {
@@ -123,7 +125,9 @@ def _common(p: argparse.ArgumentParser, *, answers: bool, distractor: bool = Tru
                    help="folder for the results" + (f" (default {out_default})" if out_default else " (JSON + PNG)"))
     p.add_argument("--device", metavar="DEVICE",
                    help="where to load a local model: cpu (default), cuda, cuda:1, auto (needs accelerate)")
-    p.add_argument("--batch-size", type=_positive, metavar="N", help="prompts per forward pass")
+    p.add_argument("--batch-size", type=_positive, metavar="N",
+                   help="prompts (pairs, for patching) per chunk: one forward pass, or one request on NDIF "
+                        "(default: all at once on CPU and NDIF, what fits on a GPU)")
     from .remote import add_cli_arguments
 
     add_cli_arguments(p)  # --remote, --ndif-host
@@ -167,6 +171,8 @@ def _option(hint, default) -> dict | None:
         return {"choices": list(args), "type": type(args[0])}
     if origin in (list, tuple, collections.abc.Sequence) and args and typing.get_origin(args[0]) is typing.Literal:
         return {"choices": list(typing.get_args(args[0])), "nargs": "+", "metavar": "TYPE"}
+    if hint is Attribution or typing.get_args(hint)[-1:] == (Attribution,):  # a result, or {name: result}
+        return {"type": _results_file, "metavar": "JSON"}
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
     if hint is int:
@@ -174,6 +180,22 @@ def _option(hint, default) -> dict | None:
     if hint is float:
         return {"type": float, "metavar": "X"}
     return None
+
+
+def _results_file(text: str):
+    """A result (or ``{name: result}``) from a JSON file that ``--out`` wrote."""
+    from .result import Attribution
+
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    try:
+        data = json.loads(path.read_text())
+        if "results" in data:
+            return {name: Attribution.from_dict(r) for name, r in data["results"].items()}
+        return Attribution.from_dict(data)
+    except (ValueError, KeyError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"{text} is not a result written by --out ({error})") from None
 
 
 def _param_docs(fn) -> dict[str, str]:
@@ -362,14 +384,14 @@ def format_table(result, k: int = 10) -> str:
     title = " · ".join(describe(single)[0].splitlines())
     n = len(result) if result.dims[0] == "prompt" else 1
     lines = [f"{title} ({n} prompt{'s' * (n != 1)})"]
-    if single.dims == ("layer", "position") and isinstance(single.meta.get("top_tokens"), list):
+    if single.method == "logit_lens" and isinstance(single.meta.get("top_tokens"), list):
         return "\n".join(lines + _lens_rows(single))
     if single.dims[-2:] == ("query", "key"):  # rollout, flow: what the last token draws on
         dims = single.dims[:-2] + ("key",)
-        single = type(single)(single.values[..., -1, :], dims, {d: single.labels[d] for d in dims}, single.meta)
+        single = replace(single, values=single.values[..., -1, :], dims=dims, labels={d: single.labels[d] for d in dims})
         lines[0] += " · last query token"
     join = "".join if single.dims == ("layer", "head") else " ".join  # L3H7
-    rows = [(join(labels), value) for labels, value in single.top(k) if not math.isnan(value)]  # NaN: not computed
+    rows = [(join(labels), value) for labels, value in single.top(k)]  # top() skips NaN (not computed)
     width = max([len(" ".join(single.dims))] + [len(label) for label, _ in rows])
     lines.append(f"  {'#':>3}  {' '.join(single.dims):<{width}}  value")
     lines += [f"  {i:>3}  {label:<{width}}  {value:+.4g}" for i, (label, value) in enumerate(rows, 1)]

@@ -22,6 +22,7 @@ from typing import Callable, Literal
 import torch
 
 from .batch import Batch
+from .kernels import topk_flat
 from .result import Attribution
 
 Node = Literal["resid", "attn", "attn_pos", "mlp", "mlp_pos", "head", "head_pos"]
@@ -72,6 +73,33 @@ class Pairs:
             out[node.removesuffix("_pos")] = out.get(node.removesuffix("_pos"), False) or positional(node)
         return out
 
+    def jobs(self, entries: dict[str, list[tuple[int, ...]]]) -> list[tuple[int, str, tuple[int, ...]]]:
+        """``(pair, node type, index)`` of every patched row (``entries``: `patch_entries` per node
+        type); per-position nodes only where both prompts of the pair have a token."""
+        overlap = self.overlap()  # [pair, position]
+        return [(i, node, index) for i in range(len(self)) for node, indices in entries.items() for index in indices
+                if not positional(node) or overlap[i, index[-1]]]
+
+    def plan(self, jobs) -> tuple:
+        """One forward of activation patching: ``(inputs, sites, answer, distractor)``. Rows are each
+        owning pair's clean prompt, its corrupted prompt, then one corrupted copy per job; ``sites[layer]``
+        maps ``resid`` / ``head`` / ``attn`` / ``mlp`` to ``(rows, source rows, positions, channels)``,
+        the arguments of `nnattr.kernels.patched_rows`."""
+        owners = list(dict.fromkeys(i for i, *_ in jobs))
+        row_of = {i: r for r, i in enumerate(owners)}  # the pair's clean row; its corrupted row is + len(owners)
+        overlap, d_head, width = self.overlap(), self.arch.d_head, self.clean.width
+        plan = [{} for _ in range(self.arch.n_layers)]
+        for r, (i, node, index) in enumerate(jobs, start=2 * len(owners)):
+            site = node.removesuffix("_pos")
+            where = torch.arange(width) == index[-1] if positional(node) else overlap[i]  # [pos]
+            channels = None if site != "head" else torch.arange(self.arch.n_heads * d_head) // d_head == index[1]
+            plan[index[0]].setdefault(site, []).append((r, row_of[i], where, channels))
+        sites = [{s: _stack(entries[s]) for s in ("resid", "head", "attn", "mlp") if s in entries} for entries in plan]
+        rows = owners * 2 + [i for i, *_ in jobs]
+        ids = lambda role: None if getattr(self.clean, role) is None else torch.tensor(  # noqa: E731
+            [getattr(self.clean, role)[i] for i in rows])
+        return self.inputs_of(owners, rows[len(owners):]), sites, ids("target"), ids("distractor")
+
     def results(self, values: dict[str, torch.Tensor], metrics: torch.Tensor, *, method: str, title: str,
                 units: str, meta: dict | None = None) -> dict[str, Attribution]:
         """``{node type: Attribution}`` from ``{node type: [pair, layer, (head,) (position)]}`` with
@@ -107,6 +135,27 @@ def node_dims(node: str) -> tuple[str, ...]:
     """The result dimensions of a node type: ``("prompt", "layer", "head", "position")`` for head_pos."""
     return ("prompt", "layer") + (("head",) if node.startswith("head") else ()) + \
         (("position",) if positional(node) else ())
+
+
+def patch_entries(node: str, shape: tuple[int, ...], candidates: Attribution | None, k: int) -> list[tuple[int, ...]]:
+    """Indices ``(layer, (head,) (position))`` of a node type to patch: all of ``shape``, or the top
+    ``k`` of ``candidates`` (an attribution-patching result, by mean absolute score over pairs)."""
+    if candidates is None:
+        grid = torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, len(shape))
+        return [tuple(i) for i in grid.tolist()]
+    if candidates.dims != node_dims(node) or candidates.shape[1:3] != shape[: len(candidates.shape[1:3])]:
+        raise ValueError(f"candidates for {node!r} have dims {candidates.dims} and shape {candidates.shape}, not "
+                         f"this model's {node_dims(node)}: pass attribution_patching's result for the same model")
+    mean = candidates.mean().values  # [layer, (head,) (position: right-aligned)]
+    top, index = topk_flat(mean, k)
+    offset = shape[-1] - mean.shape[-1] if positional(node) else 0  # candidates' width -> the common width
+    return [tuple(r[:-1].tolist()) + (int(r[-1]) + offset,) for v, r in zip(top, index) if not torch.isnan(v)]
+
+
+def _stack(entries):
+    rows, source, where, channels = zip(*entries)
+    return (torch.tensor(rows), torch.tensor(source), torch.stack(where),
+            None if channels[0] is None else torch.stack(channels))
 
 
 def pairs(model, clean, corrupted, answer, distractor, *, metric, nodes, align) -> Pairs:

@@ -117,10 +117,11 @@ def _display(token: str) -> str:
     return token or "␣"
 
 
-def _token(label: str) -> str:
-    """``"3:John"`` (one prompt's position label) -> ``"John"``; other labels unchanged."""
-    head, sep, tail = label.partition(":")
-    return tail if sep and head.isdigit() else label
+def _tokens(a, dim: str) -> list[str]:
+    """What to write along a position dimension: the prompt's own tokens (``meta["tokens"]`` of a
+    single prompt), else the dimension's labels (offsets from the last token, for a mean)."""
+    tokens = a.meta.get("tokens")
+    return list(tokens) if tokens is not None and len(tokens) == len(a.labels[dim]) else list(a.labels[dim])
 
 
 def _ticks(ax, axis: str, labels: list[str], *, rotate: bool = False, size: float = 8) -> None:
@@ -172,7 +173,7 @@ def _heatmap(a, ax, *, signed: bool, title=None, annotate=None, **_) -> Figure:
     if annotate if annotate is not None else values.size <= 160 and len(cols) <= 16:
         _annotate(ax, values, norm, cmap, signed=signed)
     positional = a.dims[1] in ("position", "key")
-    _ticks(ax, "x", [_token(c) for c in cols] if positional else cols, rotate=positional or len(cols) > 16)
+    _ticks(ax, "x", _tokens(a, a.dims[1]) if positional else cols, rotate=positional or len(cols) > 16)
     _ticks(ax, "y", rows)
     patched = positional and a.method in _PATCHING
     ax.set_xlabel("position (corrupted prompt's tokens)" if patched else a.dims[1])
@@ -235,12 +236,13 @@ def _lens(a, ax, *, title=None, **_) -> Figure:
             ax.text(j, i, word, ha="center", va="center", fontsize=size, in_layout=False,
                     color=_ink(cm(norm(v if np.isfinite(v) else 0))),
                     fontweight="bold" if hit else "normal")
-    _ticks(ax, "x", [_token(p) for p in positions], rotate=True)
+    shown = _tokens(a, "position") if "position" in a.labels else positions
+    _ticks(ax, "x", shown, rotate=True)
     _ticks(ax, "y", layers)
     ax.set_xlabel("input token (position)")
     ax.set_ylabel("residual stream after")
     if one and len(positions) > 1:
-        expected = [_token(p) for p in positions[1:]] + [str(a.meta.get("target", "target")).strip()]
+        expected = shown[1:] + [str(a.meta.get("target", "target")).strip()]
         top_ax = ax.secondary_xaxis("top")
         top_ax.set_xticks(range(len(expected)), expected, rotation=90, fontsize=7, color="0.35")
         top_ax.set_xlabel("expected next token", fontsize=8, color="0.35")
@@ -257,7 +259,7 @@ def _lens(a, ax, *, title=None, **_) -> Figure:
 
 def _attention(a, ax, *, title=None, **_) -> Figure:
     values = _np(a.values)  # [query, key]
-    tokens = [_token(t) for t in a.labels["query"]]
+    tokens = _tokens(a, "query")
     n = len(tokens)
     fig, ax = _figure(ax, 2.6 + 0.24 * n, max(4.0, 2.0 + 0.22 * n))
     vmax = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
@@ -279,7 +281,7 @@ def _attention(a, ax, *, title=None, **_) -> Figure:
 
 def _flow(a, ax, *, title=None, **_) -> Figure:
     values = _np(a.values)[:, -1, :]  # [head, key] for the last query
-    tokens = [_token(t) for t in a.labels["key"]]
+    tokens = _tokens(a, "key")
     fig, ax = _figure(ax, 2.6 + 0.3 * len(tokens), 1.8 + 0.3 * len(a.labels["head"]))
     image = ax.imshow(values, cmap=SEQUENTIAL, norm=colors.Normalize(0, float(np.nanmax(values)) or 1.0),
                       aspect="auto", interpolation="nearest")
@@ -308,7 +310,7 @@ def _strip(a, rows: np.ndarray, names: list[str], ax, *, total=None, title=None,
     ``total`` (optional) is drawn as a first row on its own colour scale: a sum over many
     series would otherwise wash out the series below it.
     """
-    tokens = [_token(t) for t in a.labels["position"]]
+    tokens = _tokens(a, "position")
     n_rows = len(names) + (total is not None)
     fig, ax = _figure(ax, 3.2 + 0.5 * len(tokens), 1.6 + 0.36 * n_rows)
     label = annotate if annotate is not None else len(tokens) <= 24

@@ -354,6 +354,11 @@ _SERVER_ERRORS = [
      "NDIF no longer accepts this nnsight version: pip install --upgrade nnsight, then check the rest with "
      "print(nnsight.compare())."),
     ("send", r"^Failed to send request: (?P<detail>.*)", "The request could not be sent to {where}: {detail}"),
+    ("stale_source", r"WithBlockNotFoundError: nnsight found no `with` statement at (?P<line>\S+:\d+)",
+     "The server looked for a nested `with` (an inner trace of a session, a backward) at {line} in a stale "
+     "copy of that file's source: it keeps source caches from other requests, or shares a process with this "
+     "client. NDIF's own servers do not. Run it again in a fresh server process, or remove the comment and "
+     "blank lines above nested `with` statements in the trace."),
     ("server_code", r"Traceback \(most recent call last\)",
      "The trace failed on the server: {last}\nServer traceback:\n{text}"),
 ]

@@ -75,8 +75,10 @@ def build(model, prompts, *, corrupted=None, target=None, distractor=None, out="
 
     started = time.perf_counter()
     batch = Batch.of(model, prompts, target, distractor)  # everything is checked before anything runs
-    if corrupted is not None and len(Batch.of(model, corrupted)) != len(batch):
-        raise ValueError(f"{len(corrupted)} corrupted prompts for {len(batch)} prompts: give one per prompt")
+    if corrupted is not None:  # prepared once too: every section reuses both batches
+        corrupted = Batch.of(model, corrupted)
+        if len(corrupted) != len(batch):
+            raise ValueError(f"{len(corrupted)} corrupted prompts for {len(batch)} prompts: give one per prompt")
     prompts = list(batch.labels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +97,8 @@ def build(model, prompts, *, corrupted=None, target=None, distractor=None, out="
     header = {
         "nnattr": __version__, "model": model_name or getattr(model.config, "_name_or_path", "model"),
         "architecture": f"{model.config.model_type}: {d.n_layers} layers × {d.n_heads} heads, d_model {d.d_model}",
-        "prompts": prompts, "corrupted": corrupted, "target": target, "distractor": distractor,
+        "prompts": prompts, "corrupted": None if corrupted is None else list(corrupted.labels),
+        "target": target, "distractor": distractor,
         "tokens": list(batch.tokens[0]),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -118,6 +118,8 @@ class Attribution:
                     values = values.narrow(axis, width - len(tokens), len(tokens))
                     labels[dim] = [f"{j}:{t}" for j, t in enumerate(tokens)]
         meta = {**self.meta, **{k: v[i] for k, v in self.per_prompt.items()}, "prompt": self.labels["prompt"][i]}
+        if self.tokens is not None:
+            meta["tokens"] = list(self.tokens[i])
         return replace(self, values=values, dims=dims, labels=labels, meta=meta, per_prompt={}, tokens=None)
 
     def mean(self) -> "Attribution":
@@ -206,7 +208,7 @@ class Attribution:
         rows = "".join(f"<tr>{''.join(f'<td>{e(str(x))}</td>' for x in labels)}<td>{v:+.4g}</td></tr>"
                        for labels, v in self.top(10))
         head = "".join(f"<th>{e(d)}</th>" for d in self.dims)
-        what = e(self.title) + (f" by {e(self.by)}" if self.by else "")
+        what = e(self.title)
         metric = f"<br>metric: {e(self.metric)}" if self.metric else ""
         shape = " × ".join(f"{e(d)} {n}" for d, n in zip(self.dims, self.shape))
         return (f"<div><b>{what}</b> <span style='color:#666'>({shape}; {e(self.units)})</span>{metric}"

@@ -1,9 +1,7 @@
 """Direct logit attribution: each residual write's share of the logit (or logit difference).
 
-Elhage et al. 2021, A Mathematical Framework for Transformer Circuits. The final norm is exact:
-its scale is measured on the real forward pass and frozen, so the components plus the ``bias``
-component sum to the model's logit (pre-soft-cap on Gemma-2). See
-docs/methods/direct_logit_attribution.md.
+Elhage et al. 2021. The final norm is exact: its scale is measured on the real forward pass and
+frozen, so the components plus ``bias`` sum to the model's logit (pre-soft-cap on Gemma-2).
 
 by="component": embeddings, each layer's attention and MLP output, bias.     [prompt, component]
 by="layer":     embeddings, each layer's attention + MLP, bias.               [prompt, layer]
@@ -57,13 +55,12 @@ def trace(model, batch: Batch, *, by: str, remote=False, backend=None) -> dict:
         final = model.output.logits[:, -1].float()  # [batch, vocab]
         answer = final.argmax(-1) if target is None else target.to(final.device)
         other = None if other is None else other.to(final.device)
-        direction, bias = logit_direction(model.lm_head.weight, answer, other,
-                                          unembed_bias=getattr(model.lm_head, "bias", None))
+        direction, bias = logit_direction(model.lm_head.weight, answer, other, unembed_bias=model.lm_head.bias)
         u = residual_direction(direction, model.ln_f.weight, norm=norm, weight_offset=offset)
         scale = norm_scale(resid, norm=norm, eps=eps)  # measured on this pass, then frozen
-        if positions:
+        if positions:  # [batch, layer, head, key]
             scores = torch.stack([head_position_direct_logit(r, expand_kv(v, n_heads=n_heads), w, u, scale)
-                                  for r, v, w in zip(rows, values, W_O)], dim=1)  # [batch, layer, head, key]
+                                  for r, v, w in zip(rows, values, W_O)], dim=1)
         elif heads:
             scores = torch.stack([head_direct_logit(h, w, u, scale) for h, w in zip(z, W_O)], dim=1)
         else:  # broadcast: GPT-2's position embedding is [1, d_model] when no row is padded
@@ -97,8 +94,7 @@ def run(model, prompts, target=None, distractor=None, *,
     a, scores, embeds = batch.arch, out["scores"], list(batch.arch.embeddings)
     layers, labels = [f"L{i}" for i in range(a.n_layers)], {"prompt": batch.labels}
     if by == "component":
-        labels["component"] = embeds + [f"{i}_{part}" for i in range(a.n_layers) for part in ("attn_out", "mlp_out")]
-        labels["component"] += ["bias"]
+        labels["component"] = embeds + [f"{i}_{p}" for i in range(a.n_layers) for p in ("attn_out", "mlp_out")] + ["bias"]
     elif by == "layer":  # attention + MLP of each layer
         e = len(embeds)
         scores = torch.cat([scores[:, :e], scores[:, e:-1].unflatten(1, (a.n_layers, 2)).sum(-1), scores[:, -1:]], 1)

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-from nnattr import cli
 from nnattr.cli import main, recipe_main
 from nnattr.embedded import MODELS
 from tests.support import tiny
@@ -178,3 +177,24 @@ def test_report_with_no_arguments_runs_on_the_embedded_model(tmp_path, monkeypat
     assert data["model"] == "tiny-ioi" and data["target"] == " Mary" and data["distractor"] == " John"
     assert all(s["status"] == "ok" for s in data["sections"].values()), data["sections"]
     assert "built-in example" in capsys.readouterr().err
+
+
+def test_exact_patching_of_the_candidates_an_earlier_command_wrote(tiny_folder, tmp_path, capsys):
+    pair = ["--model", tiny_folder, "--clean", "w1 w2 w3 w4 w5", "--corrupted", "w1 w2 w6 w4 w5",
+            "--answer", "w7", "--distractor", "w8"]
+    assert main(["attribution-patching", *pair, "--nodes", "head", "attn", "--out", str(tmp_path)]) == 0
+    written = tmp_path / "attribution_patching.json"
+    assert main(["activation-patching", *pair, "--candidates", str(written), "--k", "2", "--out",
+                 str(tmp_path / "exact")]) == 0
+    data = json.loads((tmp_path / "exact" / "activation_patching.json").read_text())
+    assert set(data["results"]) == {"head", "attn"}
+    for node, result in data["results"].items():
+        assert result["dims"][:2] == ["prompt", "layer"]
+        assert sum(x is not None for row in _flat(result["values"]) for x in [row]) == 2  # the top 2, no more
+    capsys.readouterr()
+    assert main(["activation-patching", *pair, "--candidates", str(tmp_path / "nope.json")]) == 2
+    assert "--candidates: no such file" in capsys.readouterr().err
+
+
+def _flat(x):
+    return [v for item in x for v in _flat(item)] if isinstance(x, list) else [x]

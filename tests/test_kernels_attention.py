@@ -17,6 +17,7 @@ from nnattr.kernels.attention import (
     attention_flow,
     flow_step,
     norm_based,
+    norm_based_layer,
     rollout,
     rollout_entropy,
     rollout_max,
@@ -278,7 +279,7 @@ def test_norm_based_matches_loops(key_mask, n_kv, per_head):
     pattern = causal_patterns(1, 2, 4, 5, key_mask=key_mask, seed=6)[0]
     values = torch.randn(2, 5, n_kv, 3, dtype=torch.float64, generator=g)
     W_O = torch.randn(4, 3, 6, dtype=torch.float64, generator=g)  # [head, d_head, d_model]
-    out = norm_based(pattern, values, W_O, per_head=per_head, key_mask=key_mask)
+    out = (norm_based if per_head else norm_based_layer)(pattern, values, W_O, key_mask=key_mask)
     # the layer-level form is a Gram-matrix square root: float64 rounding then sqrt
     tol = F64 if per_head else dict(rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(out, ref_norm_based(pattern, values, W_O, per_head, key_mask), **tol)
@@ -294,17 +295,17 @@ def test_float32_inputs_match_the_float64_loops():
     torch.testing.assert_close(rollout(p32, key_mask=MASK), ref_rollout(patterns, 0.5, "mean", MASK).float(), **F32)
     torch.testing.assert_close(attention_flow(p32, key_mask=MASK), ref_flow(patterns, 0.0, MASK).float(), **F32)
     layer = ref_norm_based(patterns[0], values, W_O, False, MASK).float()
-    torch.testing.assert_close(norm_based(p32[0], v32, w32, per_head=False, key_mask=MASK), layer, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norm_based_layer(p32[0], v32, w32, key_mask=MASK), layer, rtol=1e-4, atol=1e-5)
 
 
 def test_norm_based_key_chunks_agree(monkeypatch):
     g = torch.Generator().manual_seed(7)
     pattern = causal_patterns(1, 2, 4, 6, seed=8)[0]
     values, W_O = torch.randn(2, 6, 2, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
-    whole = [norm_based(pattern, values, W_O, per_head=p) for p in (True, False)]
+    whole = [(norm_based if p else norm_based_layer)(pattern, values, W_O) for p in (True, False)]
     monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", 2 * 4 * 5 * 4)  # 4 keys per chunk: 2 chunks
     for p, expected in zip((True, False), whole):
-        torch.testing.assert_close(norm_based(pattern, values, W_O, per_head=p), expected, **F64)
+        torch.testing.assert_close((norm_based if p else norm_based_layer)(pattern, values, W_O), expected, **F64)
 
 
 @pytest.mark.parametrize("key_mask", [None, MASK], ids=["unpadded", "left-padded"])
@@ -357,7 +358,7 @@ def test_norm_based_on_a_real_attention_layer(family):
         pattern = model(torch.randint(0, 50, (2, 6)), output_attentions=True).attentions[0]  # [batch, head, query, key]
     values = split_values(seen["v"], layout=layout, n_heads=4, n_kv_heads=n_kv, d_head=8)  # [batch, key, kv_head, d_head]
     W_O = o_proj_per_head(o_module.weight, n_heads=4, conv1d=conv1d)  # [head, d_head, d_model]
-    layer = norm_based(pattern, values, W_O, per_head=False)  # [batch, query, key]
+    layer = norm_based_layer(pattern, values, W_O)  # [batch, query, key]
     torch.testing.assert_close(layer[:, 0, 0], (seen["o"][:, 0] - o_module.bias).norm(dim=-1), **F32)
     rows = rollout(pattern[None]).sum(-1)
     torch.testing.assert_close(rows, torch.ones_like(rows), **F32)
@@ -386,8 +387,8 @@ def test_bf16_inputs_give_float32_close_to_float32_path():
         lambda p, v, w: rollout(p, key_mask=MASK),
         lambda p, v, w: attention_flow(p, key_mask=MASK),
         lambda p, v, w: value_weighted(p[0], v, key_mask=MASK),
-        lambda p, v, w: norm_based(p[0], v, w, per_head=True),
-        lambda p, v, w: norm_based(p[0], v, w, per_head=False),
+        lambda p, v, w: norm_based(p[0], v, w),
+        lambda p, v, w: norm_based_layer(p[0], v, w),
         lambda p, v, w: attention_entropy(p[0], key_mask=MASK),
     ]
     bf16 = [x.bfloat16() for x in (patterns, values, W_O)]
@@ -402,9 +403,9 @@ def test_float32_math_survives_autocast():
     """NDIF runs blocks under bf16 autocast; the kernels switch it off for their matmuls."""
     patterns = causal_patterns(3, 2, 4, 5, dtype=torch.float32)
     values, W_O = torch.randn(2, 5, 4, 3), torch.randn(4, 3, 6)
-    plain = rollout(patterns), norm_based(patterns[0], values, W_O, per_head=False)
+    plain = rollout(patterns), norm_based_layer(patterns[0], values, W_O)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cast = rollout(patterns), norm_based(patterns[0], values, W_O, per_head=False)
+        cast = rollout(patterns), norm_based_layer(patterns[0], values, W_O)
     for a, b in zip(cast, plain):
         assert a.dtype == torch.float32 and torch.equal(a, b)
 
@@ -426,7 +427,7 @@ def test_gradients_flow_through_every_kernel():
         (lambda p: rollout(p, key_mask=mask, head_fusion="max") * weights, (patterns,)),
         (lambda p: attention_flow(p, residual=0.2, key_mask=mask), (patterns,)),
         (lambda p, v: value_weighted(p[0], v, key_mask=mask), (patterns, values)),
-        (lambda p, v, w: norm_based(p[0], v, w, per_head=False, key_mask=mask), (patterns, values, W_O)),
+        (lambda p, v, w: norm_based_layer(p[0], v, w, key_mask=mask), (patterns, values, W_O)),
         (lambda p, v, w: norm_based(p[0], v, w, key_mask=mask), (patterns, values, W_O)),
         (attention_entropy, (torch.rand(2, 3, 4, dtype=torch.float64, generator=g).requires_grad_(True),)),
     ]

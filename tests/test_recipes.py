@@ -417,3 +417,72 @@ def test_load_saved_folder_offline(zoo, tmp_path, monkeypatch):
     assert not [w for w in caught if "switched" in str(w.message)]  # eager was saved: nothing to switch
     assert loaded.config._attn_implementation == "eager"
     close(direct_logit_attribution.run(loaded, PROMPTS).values, direct_logit_attribution.run(model, PROMPTS).values)
+
+
+# ----------------------------------------------------------------------------- one data path
+
+
+def test_prompts_as_ids_tensors_encodings_or_a_batch_give_the_same_result(zoo):
+    from nnattr.batch import Batch
+
+    _, model = zoo("llama")
+    text = direct_logit_attribution.run(model, PROMPTS, TARGETS, by="head_position")
+    rows = [tiny.tokenizer()(p)["input_ids"] for p in PROMPTS]
+    width = max(map(len, rows))
+    encoding = {"input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
+                "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+    right = {k: torch.stack([v[i].roll(-(width - len(r))) for i, r in enumerate(rows)]) for k, v in encoding.items()}
+    batch = Batch.of(model, PROMPTS, TARGETS)
+    for given in (rows, encoding, right, batch):
+        other = direct_logit_attribution.run(model, given, None if given is batch else TARGETS, by="head_position")
+        assert other.tokens == text.tokens
+        close(other.values, text.values, equal_nan=True, atol=0.0)
+    one = direct_logit_attribution.run(model, torch.tensor(rows[0]), TARGETS[0])
+    close(one.values[0], direct_logit_attribution.run(model, PROMPTS[0], TARGETS[0]).values[0], atol=0.0)
+    assert batch.inputs["input_ids"].shape == (3, width) and batch[1:].width == width
+    with pytest.raises(ValueError, match=r"integer tensor \[pos\] or \[batch, pos\]"):
+        direct_logit_attribution.run(model, torch.zeros(2, 3))
+
+
+def test_padding_is_nan_by_length_and_indexing_strips_it(zoo):
+    _, model = zoo("gpt2")
+    result = logit_lens.run(model, PROMPTS)  # [prompt, layer, position], positions right-aligned
+    assert result.lengths == (5, 7, 4)
+    for i, n in enumerate(result.lengths):
+        assert result.values[i, :, : 7 - n].isnan().all() and not result.values[i, :, 7 - n :].isnan().any()
+        assert result[i].shape == (3, n) and result[i].meta["prompt"] == PROMPTS[i]
+    assert result[-1].labels == result[2].labels
+    with pytest.raises(ValueError, match="position dimensions span the whole batch"):
+        nnattr.Attribution(torch.zeros(1, 3), ("prompt", "position"), {"prompt": ["p"], "position": ["a", "b", "c"]},
+                           tokens=[["a", "b"]])
+
+
+def test_result_round_trips_and_renders(zoo):
+    pandas = pytest.importorskip("pandas")
+    _, model = zoo("gpt2")
+    for result in (direct_logit_attribution.run(model, PROMPTS, TARGETS, DISTRACTORS, by="head_position"),
+                   logit_lens.run(model, PROMPTS, positions="all", k=2)):
+        back = nnattr.Attribution.from_json(result.to_json())
+        assert back.to_dict() == result.to_dict()
+        close(back.values, result.values, equal_nan=True, atol=0.0)
+        assert (back.method, back.by, back.units, back.metric, back.per_prompt) == \
+            (result.method, result.by, result.units, result.metric, result.per_prompt)
+        frame = result.to_frame()
+        assert isinstance(frame, pandas.DataFrame) and list(frame.columns) == [*result.dims, "value"]
+        assert len(frame) == result.values.numel()
+        page = result._repr_html_()
+        assert result.title in page and "<table>" in page and str(result.top(1)[0][1])[:4] in page
+
+
+def test_rollout_options_apply_or_fail(zoo):
+    hf, model = zoo("llama")
+    with pytest.raises(ValueError, match="head_fusion does not apply to view='flow'"):
+        attention_rollout.run(model, PROMPTS, view="flow", head_fusion="max")
+    with pytest.raises(ValueError, match="norm applies to view='value_weighted' only"):
+        attention_rollout.run(model, PROMPTS, norm="l1")
+    assert attention_rollout.run(model, PROMPTS).meta == {"view": "rollout", "residual": 0.5, "head_fusion": "mean"}
+    assert attention_rollout.run(model, PROMPTS, view="flow").meta == {"view": "flow", "residual": 0.0}
+    flow = attention_rollout.run(model, PROMPTS, view="flow", residual=0.3)  # a residual term is a real variant
+    for i, p in enumerate(PROMPTS):
+        close(flow[i].values, ref.flow(hf, ids(p), residual=0.3)[0])
+        close(flow[i].values.sum(-1), torch.ones(flow[i].shape[:-1]))

@@ -381,6 +381,12 @@ def test_error_in_trace_code_keeps_the_server_traceback(ndif):
     ("Traceback (most recent call last):\n  ...\nnnsight.intervention.interleaver.OutOfOrderError: "
      "'model.model.layers.1.self_attn.o_proj.input.grad' was requested but the model already ran past it",
      "gradients", "forward-only recipe"),
+    ("Traceback (most recent call last):\n  ...\nnnsight.tracing.tracer.WithBlockNotFoundError: nnsight found no `with` "
+     "statement at /home/me/my_patching.py:42, the line the trace was entered from", "stale_source", "fresh server"),
+    ("Traceback (most recent call last):\n  ...\nRuntimeError: the metric does not require grad: this process runs the "
+     "trace under torch.inference_mode, so gradients are unavailable here", "gradients", "forward-only recipe"),
+    ("Traceback (most recent call last):\n  ...\nRuntimeError: the metric does not require grad: the trace started no "
+     "graph: frozen (hosted) parameters never require grad", "frozen", "requires_grad_"),
     ("The model architecture on this server doesn't match the one your code was traced against: it has no "
      "module at 'model.layers.0.mlp.gate'.", "architecture", "transformers"),
 ])
@@ -490,3 +496,101 @@ def test_cli_arguments():
 def test_zz_server_hit_no_internal_errors(ndif):
     assert ndif.internal_errors == []
     assert all(record.wait(10) for record in ndif.requests)
+
+
+# ----------------------------------------------------------------------------- edited copies
+
+
+CORRUPTED = [" ".join(p.split()[:-2] + ["w1", p.split()[-1]]) for p in PROMPTS]  # one word changed, same length
+COPY_ARGS = {
+    "logit_lens": dict(args=(PROMPTS,), kwargs=dict(positions="all", k=3)),
+    "direct_logit_attribution": dict(args=(PROMPTS, TARGETS, DISTRACTORS), kwargs=dict(by="head_position")),
+    "head_attribution": dict(args=(PROMPTS, TARGETS, DISTRACTORS), kwargs={}),
+    "attention_rollout": dict(args=(PROMPTS,), kwargs=dict(view="value_weighted")),
+    "attribution_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS), kwargs=dict(method="ig", steps=2)),
+    "activation_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS), kwargs=dict(nodes=("attn", "head"), rows=4)),
+}
+# What a user changes in a copy of the trace: a variable renamed, and an extra value saved.
+EDITS = {
+    "logit_lens": [("cells", "per_layer"), ("        final = model.output.logits[:, -1].float()  # [batch, vocab]\n",
+                                             "        final = model.output.logits[:, -1].float()  # [batch, vocab]\n"
+                                             "        final_seen = nnsight.save(final)\n")],
+    "direct_logit_attribution": [("writes", "residual_writes"), ("        scale = norm_scale(", "        scale_seen = "
+                                                                 "nnsight.save(model.ln_f.weight)\n        scale = norm_scale(")],
+    "head_attribution": [("grads", "gradients_of_z"), ("        metric = final.gather(", "        answer_seen = "
+                                                       "nnsight.save(answer)\n        metric = final.gather(")],
+    "attention_rollout": [("state", "running"), ("            pattern = layer.attn.output[1]  # [batch, head, query, key]\n",
+                                                 "            pattern = layer.attn.output[1]  # [batch, head, query, key]\n"
+                                                 "            last_pattern = nnsight.save(pattern)\n")],
+    "attribution_patching": [("captured", "nodes_read"), ("        logits = model.output.logits  # [rows, pos, vocab]\n",
+                                                          "        logits = model.output.logits  # [rows, pos, vocab]\n"
+                                                          "        last_logits = nnsight.save(logits[:, -1])\n")],
+    "activation_patching": [("values", "metric_values"), ("                logits = model.output.logits  # [rows, pos, vocab]\n",
+                                                          "                logits = model.output.logits  # [rows, pos, vocab]\n"
+                                                          "                last_logits = nnsight.save(logits[:, -1])\n")],
+}
+
+
+def edited_copy(name: str, folder) -> object:
+    """A copy of ``recipes/<name>.py`` as a user edits it, imported under another name: a comment and
+    a blank line above every ``with``, gradient and save line of the trace, a variable renamed in the
+    trace, and an extra ``nnsight.save``."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py").read_text()
+    head, rest = source.split("def trace(", 1)
+    body, tail = rest.split("\ndef run(", 1)
+    (old, new), (anchor, extra) = EDITS[name]
+    body = re.sub(rf"\b{old}\b", new, body).replace(anchor, extra)
+    lines = []
+    for line in body.splitlines(keepends=True):
+        stripped = line.lstrip()
+        if stripped.startswith(("with ", "grads", "gradients_of_z", "out = nnsight.save", "outs = nnsight.save")):
+            indent = line[: len(line) - len(stripped)]
+            lines += [f"{indent}# a note the user added\n", "\n"]
+        lines.append(line)
+    path = Path(folder) / f"users_{name}.py"
+    path.write_text(head + "def trace(" + "".join(lines) + "\ndef run(" + tail)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", COPY_ARGS)
+def test_an_edited_copy_runs_on_ndif_and_equals_local(ndif, name, tmp_path):
+    module = edited_copy(name, tmp_path)
+    model, call = CLIENTS["llama"], COPY_ARGS[name]
+    local = module.run(model, *call["args"], **call["kwargs"])
+    before = len(ndif.requests)
+    far = module.run(model, *call["args"], remote=True, **call["kwargs"])
+    assert len(ndif.requests) == before + 1 and ndif.last.status == "COMPLETED"
+    for key in (local if isinstance(local, dict) else {None: local}):
+        same(far[key] if key else far, local[key] if key else local, tol=1e-5)
+
+
+def test_an_nnattr_object_in_the_trace_is_refused_before_sending(ndif, tmp_path):
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "recipes" / "head_attribution.py").read_text()
+    line = "        z = [layer.attn.o_proj.input for layer in model.layers]  # [batch, pos, head * d_head]\n"
+    assert line in source
+    edited = source.replace(line, line.replace("model.layers]", "model.layers[: batch.arch.n_layers]]"))
+    path = tmp_path / "uses_the_batch.py"
+    path.write_text(edited)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    local = module.run(CLIENTS["gpt2"], PROMPTS)  # fine locally: the Batch is right here
+    assert local.values.shape[0] == 3
+    before = len(ndif.requests)
+    with pytest.raises(remote.NDIFError) as caught:
+        module.run(CLIENTS["gpt2"], PROMPTS, remote=True)
+    number = edited.splitlines().index(line.rstrip("\n").replace("model.layers]", "model.layers[: batch.arch.n_layers]]")) + 1
+    message = str(caught.value)
+    assert caught.value.kind == "unshippable" and len(ndif.requests) == before
+    assert f"uses_the_batch.py, line {number}" in message and "'batch'" in message and "before the `with`" in message

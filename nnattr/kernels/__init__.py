@@ -4,6 +4,11 @@ Every function here takes tensors and returns tensors, imports only ``torch``, `
 ``math`` and ``typing``, and never touches nnsight or transformers, so the same code runs on
 tensors a user saved and inside a trace on a remote NDIF server (where nnattr is not
 installed: recipes ship this package by value with ``nnsight.register``).
+
+Most kernels are what the recipes call inside their traces. Some are library functions no recipe
+calls yet, for tensors you saved yourself: ``attention_flow`` and ``rollout`` (every layer's
+patterns stacked), ``norm_based`` / ``norm_based_layer`` (Kobayashi et al. 2020), and the row
+metrics ``attention_entropy``, ``attention_concentration``, ``rollout_entropy``, ``rollout_max``.
 """
 
 from .attention import (
@@ -12,6 +17,7 @@ from .attention import (
     attention_flow,
     flow_step,
     norm_based,
+    norm_based_layer,
     rollout,
     rollout_entropy,
     rollout_max,

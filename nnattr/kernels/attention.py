@@ -270,24 +270,54 @@ def norm_based(
     values: torch.Tensor,
     W_O: torch.Tensor,
     *,
-    per_head: bool = True,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Norm-based attention (Kobayashi et al. 2020, "Attention is Not Only a Weight").
+    """Norm-based attention per head (Kobayashi et al. 2020, "Attention is Not Only a Weight").
 
-    Per head: ‖α_{h,q,k} v_{kv(h),k} W_O^h‖₂ = α_{h,q,k} ‖v_{kv(h),k} W_O^h‖₂ → ``[batch, head, query, key]``.
-    Layer level (``per_head=False``): ‖Σ_h α_{h,q,k} v_{kv(h),k} W_O^h‖₂ → ``[batch, query, key]``,
-    computed as sqrt(Σ_{h,g} α_h α_g ⟨f_h, f_g⟩) from a per-key head Gram matrix, so neither
-    ``[batch, head, query, key, d_model]`` nor ``[batch, key, head, d_model]`` is ever built.
-    Not renormalised; padded keys and padded query rows are 0.
+    ‖α_{h,q,k} v_{kv(h),k} W_O^h‖₂ = α_{h,q,k} ‖v_{kv(h),k} W_O^h‖₂ → ``[batch, head, query, key]``,
+    without building ``[batch, key, head, d_model]``. Not renormalised; padded keys and padded
+    query rows are 0. `norm_based_layer` is the same over all heads together.
 
     Shapes: ``pattern: [batch, head, query, key]``; ``values: [batch, key, kv_head, d_head]``;
     ``W_O: [head, d_head, d_model]``, from ``nnattr.kernels.heads.o_proj_per_head``, which undoes
     GPT-2's Conv1D ``[(head d_head), d_model]`` and Llama's Linear ``[d_model, (head d_head)]``.
 
-    >>> norm_based(torch.ones(1, 2, 1, 1), torch.ones(1, 1, 1, 1), torch.ones(2, 1, 3), per_head=False)
+    >>> norm_based(torch.ones(1, 2, 1, 1), torch.ones(1, 1, 1, 1), torch.ones(2, 1, 3))
+    tensor([[[[1.7321]],
+    <BLANKLINE>
+             [[1.7321]]]])
+    """
+    alpha, outputs = _norm_inputs(pattern, values, W_O, key_mask, cross=False)
+    with _no_autocast(pattern):
+        return alpha * einops.rearrange(outputs, "batch key head -> batch head 1 key")
+
+
+def norm_based_layer(
+    pattern: torch.Tensor,
+    values: torch.Tensor,
+    W_O: torch.Tensor,
+    *,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Norm-based attention of a whole layer: ‖Σ_h α_{h,q,k} v_{kv(h),k} W_O^h‖₂ → ``[batch, query, key]``.
+
+    Computed as sqrt(Σ_{h,g} α_h α_g ⟨f_h, f_g⟩) from a per-key head Gram matrix, so neither
+    ``[batch, head, query, key, d_model]`` nor ``[batch, key, head, d_model]`` is ever built.
+    Shapes and masking as in `norm_based`.
+
+    >>> norm_based_layer(torch.ones(1, 2, 1, 1), torch.ones(1, 1, 1, 1), torch.ones(2, 1, 3))
     tensor([[[3.4641]]])
     """
+    alpha, gram = _norm_inputs(pattern, values, W_O, key_mask, cross=True)
+    with _no_autocast(pattern):
+        mixed = torch.einsum("bhqk,bkhg->bgqk", alpha, gram)  # [batch, head, query, key]
+        square = (mixed * alpha).sum(1)  # [batch, query, key]; rounding can make it slightly < 0
+        positive = square > 0
+        return torch.where(positive, torch.where(positive, square, 1.0).sqrt(), 0.0)  # no inf grad at 0
+
+
+def _norm_inputs(pattern, values, W_O, key_mask, *, cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked, masked ``alpha [batch, head, query, key]`` and the per-key head reductions."""
     group = _check_values(pattern, values)
     n_heads, d_head = pattern.shape[1], values.shape[-1]
     if W_O.ndim != 3 or W_O.shape[:2] != (n_heads, d_head):
@@ -298,14 +328,8 @@ def norm_based(
     _check_mask(key_mask, pattern.shape[0], pattern.shape[-1], f"pattern {tuple(pattern.shape)}")
     dtype = _dtype(pattern, values, W_O)
     with _no_autocast(pattern):
-        alpha = _mask_(pattern.to(dtype, copy=True), key_mask)  # [batch, head, query, key]
-        outputs = _head_outputs(values.to(dtype), W_O.to(dtype), group, cross=not per_head)
-        if per_head:
-            return alpha * einops.rearrange(outputs, "batch key head -> batch head 1 key")
-        mixed = torch.einsum("bhqk,bkhg->bgqk", alpha, outputs)  # [batch, head, query, key]
-        square = (mixed * alpha).sum(1)  # [batch, query, key]; rounding can make it slightly < 0
-        positive = square > 0
-        return torch.where(positive, torch.where(positive, square, 1.0).sqrt(), 0.0)  # no inf grad at 0
+        alpha = _mask_(pattern.to(dtype, copy=True), key_mask)
+        return alpha, _head_outputs(values.to(dtype), W_O.to(dtype), group, cross=cross)
 
 
 def _rows(pattern: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ steadier on a shared machine), as multiples of a baseline: one plain Hugging Fac
 - ``atp_hooks``: the same scores with plain PyTorch forward hooks and autograd (no nnsight);
 - ``ig_steps5``: the recipe with ``method="ig", steps=5``;
 - ``exact_batched``: ``recipes/activation_patching``, 144 patched rows in one forward per pair;
-- ``exact_unbatched``: the same with ``batch_size=1``: one forward per head and pair.
+- ``exact_unbatched``: the same with ``rows=1``: one forward per head and pair.
 
     PYTHONPATH=. python tests/benchmarks/bench_patching.py                 # 2 pairs of 16 tokens
     PYTHONPATH=. python tests/benchmarks/bench_patching.py --pairs 1 --unbatched-pairs 1   # quick
@@ -114,9 +114,9 @@ def main(argv=None) -> dict:
                                                       method="ig", steps=5),
     })
     times.update(best_interleaved(args.exact_repeat, {"exact_batched": lambda: activation_patching.run(
-        model, clean, corrupted, answer, distractor, nodes=heads, batch_size=144)}))
+        model, clean, corrupted, answer, distractor, nodes=heads, rows=144)}))
     unbatched = timed(lambda: activation_patching.run(
-        model, clean[:u], corrupted[:u], answer[:u], distractor[:u], nodes=heads, batch_size=1))
+        model, clean[:u], corrupted[:u], answer[:u], distractor[:u], nodes=heads, rows=1))
     times["exact_unbatched"] = tuple(t * args.pairs / u for t in unbatched)
     report = {
         "setup": {**vars(args), "torch_threads": torch.get_num_threads(), "device": "cpu",

@@ -66,9 +66,9 @@ def cases(hf, model, prompts, input_ids, target: int):
             lambda r, e: diff(r.values, e),
         ),
         "logit_lens": (
-            lambda: logit_lens.run(model, prompts, target),
+            lambda: logit_lens.run(model, prompts, target, positions="last"),
             lambda: ref.logit_lens(hf, input_ids, t[:, None]),
-            lambda r, e: diff(r.values, e[0].transpose(0, 1)),
+            lambda r, e: diff(r.values, e[0].transpose(0, 1)[..., 0]),  # [prompt, layer]
         ),
         "logit_lens_all": (
             lambda: logit_lens.run(model, prompts, target, positions="all"),

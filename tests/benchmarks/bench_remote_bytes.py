@@ -124,7 +124,7 @@ CASES = {
        for by in ("component", "layer", "head", "head_position")},
     **{f"head_attribution by={by}": (lambda m, p, by=by: head_attribution.run(m, p, by=by, remote=True),
                                      naive_heads, True) for by in ("head", "head_position")},
-    "logit_lens positions=last": (lambda m, p: logit_lens.run(m, p, remote=True), naive_lens, True),
+    "logit_lens positions=last": (lambda m, p: logit_lens.run(m, p, positions="last", remote=True), naive_lens, True),
     "logit_lens positions=all": (lambda m, p: logit_lens.run(m, p, positions="all", remote=True), naive_lens, True),
     **{f"attention_rollout view={view}": (lambda m, p, view=view: attention_rollout.run(m, p, view=view, remote=True),
                                           lambda m, p, view=view: naive_rollout(m, p, view), False)

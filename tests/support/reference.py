@@ -349,3 +349,18 @@ def rollout(model, input_ids, attention_mask=None, *, residual: float = 0.5) -> 
             R = a @ R
         out[b, pos - m :, pos - m :] = R
     return out
+
+
+def flow(model, input_ids, *, residual: float = 0.0) -> torch.Tensor:
+    """Per-head attention flow of one unpadded prompt: ``F_l = Â_l F_{l-1}`` with
+    ``Â = (1 - r) A + r I`` row-normalised, per head, no fusion. Returns the last layer's
+    ``[1, head, pos, pos]``."""
+    with torch.no_grad():
+        attentions = forward(model, input_ids, torch.ones_like(input_ids), output_attentions=True).attentions
+    m = input_ids.shape[1]
+    F = None
+    for A in attentions:  # [1, head, query, key]
+        a = (1 - residual) * A[0].double() + residual * torch.eye(m, dtype=torch.float64)
+        a = a / a.sum(-1, keepdim=True)
+        F = a if F is None else a @ F
+    return F[None]
