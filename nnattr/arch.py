@@ -211,22 +211,14 @@ def dims(model_or_config) -> Dims:
 
 
 @dataclass(frozen=True)
-class Arch:
+class Arch(Dims):
     """What a recipe's trace needs to know about a model, as plain values (they travel to NDIF).
 
-    Sizes come from the Hugging Face config (`dims`), layout and norm from the family's
-    `ArchSpec`, and ``attention`` is the attention implementation the model runs.
+    The sizes of `Dims` (from the Hugging Face config), layout and norm from the family's
+    `ArchSpec`, and ``attention``, the attention implementation the model runs.
     """
 
     family: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_model: int
-    d_vocab: int
-    eps: float
-    logit_softcap: float | None
     norm: NormKind
     norm_weight_offset: float
     value_layout: ValueLayout
@@ -258,11 +250,9 @@ class Arch:
 def arch_of(model) -> Arch:
     """The `Arch` of an nnsight model (or a Hugging Face config)."""
     config = getattr(model, "config", model)
-    spec, d = spec_for(config), dims(config)
+    spec = spec_for(config)
     return Arch(
-        family=spec.family, n_layers=d.n_layers, n_heads=d.n_heads, n_kv_heads=d.n_kv_heads, d_head=d.d_head,
-        d_model=d.d_model, d_vocab=d.d_vocab, eps=d.eps, logit_softcap=d.logit_softcap, norm=spec.norm,
-        norm_weight_offset=spec.norm_weight_offset, value_layout=spec.value_layout,
-        o_proj_conv1d=spec.o_proj_conv1d, embeddings=spec.embeddings, head_exact=spec.head_exact,
-        attention=getattr(config, "_attn_implementation", None),
+        **vars(dims(config)), family=spec.family, norm=spec.norm, norm_weight_offset=spec.norm_weight_offset,
+        value_layout=spec.value_layout, o_proj_conv1d=spec.o_proj_conv1d, embeddings=spec.embeddings,
+        head_exact=spec.head_exact, attention=getattr(config, "_attn_implementation", None),
     )

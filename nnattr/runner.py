@@ -34,7 +34,7 @@ def run(trace: Trace, model, batch, *, batch_size: int | None = None, remote: An
         desc: str | None = None, **options) -> dict[str, torch.Tensor]:
     """``trace(model, chunk, **options, remote=, backend=)`` over chunks of ``batch``, concatenated
     along the prompt dimension: ``{name: [prompt, ...]}``."""
-    desc = desc or getattr(trace, "__module__", "trace").rsplit(".", 1)[-1].replace("_", " ")
+    desc = desc or getattr(sys.modules.get(getattr(trace, "__module__", "")), "TITLE", "trace")
     outs = [out for _, _, out in chunks(
         lambda start, chunk, backend: trace(model, chunk, remote=remote, backend=backend, **options),
         batch, batch_size=batch_size, desc=desc, model=model, remote=remote, backend=backend)]

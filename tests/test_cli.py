@@ -12,20 +12,10 @@ import pytest
 
 from nnattr.cli import main, recipe_main
 from nnattr.embedded import MODELS
-from tests.support import tiny
 
 EMBEDDED = (MODELS["tiny-ioi"] / "model.safetensors").is_file()
 needs_embedded = pytest.mark.skipif(not EMBEDDED, reason="tiny-ioi has no trained weights in this checkout")
 PAIR = ["--prompt", "w1 w2 w3 w4 w5", "--corrupted", "w1 w2 w6 w4 w5", "--target", "w7", "--distractor", "w8"]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny random GPT-2 saved as a Hugging Face folder, loaded by path like any model."""
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny.hf_model("gpt2").save_pretrained(folder)
-    tiny.tokenizer().save_pretrained(folder)
-    return str(folder)
 
 
 def test_python_m_nnattr_help(capsys):

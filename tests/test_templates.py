@@ -27,14 +27,6 @@ RECIPES = sorted((ROOT / "recipes").glob("[!_]*.py"))
 PAIR = ["--clean", "w1 w2 w3 w4 w5", "--corrupted", "w1 w2 w6 w4 w5", "--answer", "w7", "--distractor", "w8"]
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny.hf_model("gpt2").save_pretrained(folder)
-    tiny.tokenizer().save_pretrained(folder)
-    return str(folder)
-
-
 def run_script(path: Path, *args: str) -> str:
     """``python path args`` in a new process: its stdout."""
     out = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=180,
