@@ -23,7 +23,8 @@ import torch
 from .arch import Arch, arch_of
 
 Token = Union[str, int]
-#: One prompt or many: text, a list of token ids, a ``[pos]`` or ``[batch, pos]`` id tensor, or
+#: One prompt or many: text, a list of token ids (or of such lists), a ``[pos]`` or ``[batch, pos]``
+#: id tensor, or
 #: a tokenizer encoding ``{"input_ids", "attention_mask"}`` (padding on either side).
 Prompts = Union[str, Sequence[str], Sequence[Sequence[int]], torch.Tensor, Mapping[str, Any]]
 
@@ -60,6 +61,9 @@ class Batch:
         """
         tok = model.tokenizer
         if isinstance(prompts, Batch):
+            if prompts.arch != arch_of(model):
+                raise ValueError(f"this Batch was prepared for another model ({prompts.arch.family}, "
+                                 f"{prompts.arch.n_layers} layers): build it with Batch.of(model, prompts)")
             n = len(prompts)
             return replace(prompts,
                            target=prompts.target if target is None else token_ids(tok, target, n, role=role),
@@ -67,14 +71,17 @@ class Batch:
                            token_ids(tok, distractor, n, role="distractor"))
         ids = _ids(tok, prompts)
         tokens = tuple(tuple(tok.decode([i]) for i in row) for row in ids)
-        labels = tuple(prompts) if _texts(prompts) else tuple(tok.decode(row) for row in ids)
-        if isinstance(prompts, str):
-            labels = (prompts,)
-        _check_known(tok, ids, labels if _texts(prompts) or isinstance(prompts, str) else None)
+        texts = (prompts,) if isinstance(prompts, str) else tuple(prompts) if _texts(prompts) else None
+        labels = texts or tuple(tok.decode(row, skip_special_tokens=True) for row in ids)
+        _check_known(tok, ids, texts)
+        answers = token_ids(tok, target, len(ids), role=role), token_ids(tok, distractor, len(ids), role="distractor")
+        same = [i for i, (a, b) in enumerate(zip(*answers)) if a == b] if None not in answers else []
+        if same:
+            raise ValueError(f"prompt {same[0]}: the {role} and the distractor are the same token "
+                             f"{tok.decode([answers[0][same[0]]])!r}, so their logit difference is 0 by construction")
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return cls(ids, tokens, labels, token_ids(tok, target, len(ids), role=role),
-                   token_ids(tok, distractor, len(ids), role="distractor"), arch_of(model),
-                   0 if pad is None else int(pad), max(map(len, ids)), tok)
+        return cls(ids, tokens, labels, *answers, arch_of(model), 0 if pad is None else int(pad),
+                   max(map(len, ids)), tok)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -115,7 +122,7 @@ class Batch:
                 return None
             return f"logit({self.tokenizer.decode([ids[0]])!r})" if len(set(ids)) == 1 else f"logit({role})"
 
-        answer = logit(target, "target") or "logit(top prediction)"
+        answer = logit(target, "target" if self.target else "top prediction") or "logit(top prediction)"
         other = logit(self.distractor, "distractor")
         return answer if other is None else f"{answer} − {other}"
 
@@ -198,6 +205,9 @@ def _ids(tokenizer, prompts: Prompts) -> tuple[tuple[int, ...], ...]:
                              f"{tuple(prompts.shape)}; pass an encoding with its attention_mask for padded rows")
         rows = prompts[None] if prompts.ndim == 1 else prompts
         return tuple(tuple(row.tolist()) for row in rows) or _none()
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) and not isinstance(t, bool)
+                                                              for t in prompts):
+        return (tuple(prompts),)  # one prompt's ids
     if not isinstance(prompts, str) and prompts and all(isinstance(p, (list, tuple)) for p in prompts):
         for i, row in enumerate(prompts):
             if not row or not all(isinstance(t, int) and not isinstance(t, bool) for t in row):

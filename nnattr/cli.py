@@ -23,6 +23,7 @@ import sys
 import typing
 from dataclasses import replace
 from pathlib import Path
+import types
 from types import ModuleType
 
 from .result import Attribution
@@ -67,9 +68,9 @@ def recipe_main(module: ModuleType, argv=None) -> int:
     of it, runs *that file's* ``run`` with options read from its signature and docstring."""
     if isinstance(module, str):  # a name in nnattr.recipes
         module = importlib.import_module(f"nnattr.recipes.{module}")
-    file = getattr(module, "__file__", None)
-    name = module.__name__ if module.__name__ != "__main__" else f"python {Path(file).name}" if file else "recipe"
-    prog = f"python -m {module.__name__}" if module.__name__.startswith("nnattr.recipes.") else name
+    file, spec = getattr(module, "__file__", None), getattr(module, "__spec__", None)
+    name = module.__name__ if module.__name__ != "__main__" else spec.name if spec else None
+    prog = f"python -m {name}" if name else f"python {Path(file).name}" if file else "recipe"
     parser = argparse.ArgumentParser(prog=prog, description=_summary(module))
     _recipe_options(parser, module)
     parser.set_defaults(recipe=module, parser=parser)
@@ -118,7 +119,8 @@ def _common(p: argparse.ArgumentParser, *, answers: bool, distractor: bool = Tru
                        help="one prompt per line, or JSON lines with clean/corrupted/answer/distractor")
     if answers:
         p.add_argument(*(["--target", "--answer"] if pairs else ["--target"]), dest="target", metavar="TOKEN",
-                       help="answer token, e.g. ' Mary' (default: the model's top prediction)")
+                       help="answer token, e.g. ' Mary'" + (" (with --distractor: the default metric)" if pairs else
+                                                            " (default: the model's top prediction)"))
     if answers and distractor:
         p.add_argument("--distractor", metavar="TOKEN", help="score target minus this token, e.g. ' John'")
     p.add_argument("--out", type=Path, default=None if out_default is None else Path(out_default), metavar="DIR",
@@ -164,7 +166,7 @@ def _recipe_options(p: argparse.ArgumentParser, module: ModuleType) -> None:
 def _option(hint, default) -> dict | None:
     """argparse keywords for a ``run`` parameter's type, or None if a command line cannot give it."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Union and len(args) == 1:  # Optional[X]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:  # X | None
         hint, args = args[0], list(typing.get_args(args[0]))
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
@@ -175,8 +177,8 @@ def _option(hint, default) -> dict | None:
         return {"type": _results_file, "metavar": "JSON"}
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
-    if hint is int:
-        return {"type": _positive, "metavar": "N"}
+    if hint is int:  # run() checks the range, with the same message in Python and on the command line
+        return {"type": int, "metavar": "N"}
     if hint is float:
         return {"type": float, "metavar": "X"}
     return None
@@ -184,16 +186,12 @@ def _option(hint, default) -> dict | None:
 
 def _results_file(text: str):
     """A result (or ``{name: result}``) from a JSON file that ``--out`` wrote."""
-    from .result import Attribution
+    from .result import read
 
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
     try:
-        data = json.loads(path.read_text())
-        if "results" in data:
-            return {name: Attribution.from_dict(r) for name, r in data["results"].items()}
-        return Attribution.from_dict(data)
+        return read(text)
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"no such file: {text}") from None
     except (ValueError, KeyError, TypeError) as error:
         raise argparse.ArgumentTypeError(f"{text} is not a result written by --out ({error})") from None
 
@@ -281,9 +279,8 @@ def _inputs(args) -> dict:
     else:
         prompts = [EXAMPLE["clean"]]
         corrupted = corrupted or [EXAMPLE["corrupted"]]
-        if hasattr(args, "target"):
-            target = EXAMPLE["target"] if target is None else target
-            distractor = EXAMPLE["distractor"] if distractor is None else distractor
+        if hasattr(args, "target") and target is None and distractor is None:  # the example's own answers
+            target, distractor = EXAMPLE["target"], EXAMPLE["distractor"] if hasattr(args, "distractor") else None
         sys.stderr.write(f"no --prompt given: using the built-in example {prompts[0]!r}\n")
     if corrupted is not None and len(corrupted) != len(prompts):
         raise UsageError(f"--corrupted: {len(corrupted)} corrupted prompts for {len(prompts)} prompts; "
@@ -381,14 +378,14 @@ def format_table(result, k: int = 10) -> str:
     from .plotting import describe
 
     single = result.single()
-    title = " · ".join(describe(single)[0].splitlines())
-    n = len(result) if result.dims[0] == "prompt" else 1
-    lines = [f"{title} ({n} prompt{'s' * (n != 1)})"]
+    title = " · ".join(describe(single)[0].splitlines())  # says "mean over n prompts" for several
+    lines = [title if "n_prompts" in single.meta else f"{title} (1 prompt)"]
     if single.method == "logit_lens" and isinstance(single.meta.get("top_tokens"), list):
         return "\n".join(lines + _lens_rows(single))
     if single.dims[-2:] == ("query", "key"):  # rollout, flow: what the last token draws on
         dims = single.dims[:-2] + ("key",)
-        single = replace(single, values=single.values[..., -1, :], dims=dims, labels={d: single.labels[d] for d in dims})
+        labels = {d: single.labels[d] for d in dims}
+        single = replace(single, values=single.values[..., -1, :], dims=dims, labels=labels)
         lines[0] += " · last query token"
     join = "".join if single.dims == ("layer", "head") else " ".join  # L3H7
     rows = [(join(labels), value) for labels, value in single.top(k)]  # top() skips NaN (not computed)

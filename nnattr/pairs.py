@@ -85,7 +85,7 @@ class Pairs:
         owning pair's clean prompt, its corrupted prompt, then one corrupted copy per job; ``sites[layer]``
         maps ``resid`` / ``head`` / ``attn`` / ``mlp`` to ``(rows, source rows, positions, channels)``,
         the arguments of `nnattr.kernels.patched_rows`."""
-        owners = list(dict.fromkeys(i for i, *_ in jobs))
+        owners = owners_of(jobs)
         row_of = {i: r for r, i in enumerate(owners)}  # the pair's clean row; its corrupted row is + len(owners)
         overlap, d_head, width = self.overlap(), self.arch.d_head, self.clean.width
         plan = [{} for _ in range(self.arch.n_layers)]
@@ -120,7 +120,8 @@ class Pairs:
             if positional(node):
                 v = v[..., -width:].masked_fill(outside.reshape(len(self), *[1] * (v.ndim - 2), width), float("nan"))
             out[node] = Attribution(
-                v, dims, {d: labels[d] for d in dims}, method=method, title=f"{title} · {node} nodes", by=node, units=units,
+                v, dims, {d: labels[d] for d in dims}, method=method, title=f"{title} · {node} nodes", by=node,
+                units=units,
                 metric=self.clean.metric() if self.metric is None else "custom metric", meta=dict(meta or {}),
                 per_prompt=per_prompt, tokens=self.corrupted.tokens)
         return out
@@ -143,13 +144,25 @@ def patch_entries(node: str, shape: tuple[int, ...], candidates: Attribution | N
     if candidates is None:
         grid = torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, len(shape))
         return [tuple(i) for i in grid.tolist()]
-    if candidates.dims != node_dims(node) or candidates.shape[1:3] != shape[: len(candidates.shape[1:3])]:
+    structure = len(shape) - positional(node)  # layer (, head): must match; positions may not
+    if candidates.dims != node_dims(node) or candidates.shape[1 : 1 + structure] != shape[:structure]:
         raise ValueError(f"candidates for {node!r} have dims {candidates.dims} and shape {candidates.shape}, not "
-                         f"this model's {node_dims(node)}: pass attribution_patching's result for the same model")
-    mean = candidates.mean().values  # [layer, (head,) (position: right-aligned)]
+                         f"{node_dims(node)} with {shape[:structure]} layers (and heads): pass the "
+                         f"attribution_patching result of the same model")
+    mean = candidates.mean().values  # [layer, (head,) (position: right-aligned to the candidates' prompts)]
     top, index = topk_flat(mean, k)
-    offset = shape[-1] - mean.shape[-1] if positional(node) else 0  # candidates' width -> the common width
-    return [tuple(r[:-1].tolist()) + (int(r[-1]) + offset,) for v, r in zip(top, index) if not torch.isnan(v)]
+    out = []
+    for v, row in zip(top, index.tolist()):
+        if positional(node):  # the same offset from the last token, in these pairs' common width
+            row[-1] += shape[-1] - mean.shape[-1]
+        if not torch.isnan(v) and row[-1] >= 0:  # a position these pairs do not have is not patched
+            out.append(tuple(row))
+    return out
+
+
+def owners_of(jobs) -> list[int]:
+    """The pairs a forward's jobs patch, in order: their clean rows, then their corrupted rows, lead it."""
+    return list(dict.fromkeys(i for i, *_ in jobs))
 
 
 def _stack(entries):
@@ -171,7 +184,8 @@ def pairs(model, clean, corrupted, answer, distractor, *, metric, nodes, align) 
     if len(a) != len(b):
         raise ValueError(f"{len(a)} clean prompts but {len(b)} corrupted: give one corrupted prompt per clean one")
     if metric is None and a.target is None:
-        raise ValueError("give answer= (and distractor=) for the default logit-difference metric, or a metric=")
+        raise ValueError("give answer= (and distractor=; --answer and --distractor on the command line) for the "
+                         "default logit-difference metric, or a metric=")
     if metric is not None:
         _check_metric(metric, a.arch.d_vocab)
     per_position = [t for t in nodes if positional(t)]

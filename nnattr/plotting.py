@@ -74,10 +74,6 @@ def describe(attr) -> tuple[str, str]:
     return attr.title + ("\n" + " · ".join(details) if details else ""), attr.units
 
 
-def _quote(token: str) -> str:
-    return "'" + token.replace("\n", "\\n") + "'"
-
-
 def _np(values) -> np.ndarray:
     return values.detach().float().cpu().numpy()
 
@@ -246,7 +242,7 @@ def _lens(a, ax, *, title=None, **_) -> Figure:
         top_ax = ax.secondary_xaxis("top")
         top_ax.set_xticks(range(len(expected)), expected, rotation=90, fontsize=7, color="0.35")
         top_ax.set_xlabel("expected next token", fontsize=8, color="0.35")
-    name = "Logit lens: each layer's residual decoded by the final norm and unembedding"
+    name = f"{a.title}: each layer's residual decoded by the final norm and unembedding"
     if one:
         how = "cell text: top prediction (bold when it is the expected next token); colour: P(expected token)"
     else:
@@ -273,7 +269,8 @@ def _attention(a, ax, *, title=None, **_) -> Figure:
     ax.set_ylabel("query (token being represented)")
     text, unit = describe(a)
     meta = a.meta
-    detail = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in meta.items() if k in ("residual", "head_fusion", "norm"))
+    shown = ("residual", "head_fusion", "norm")
+    detail = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in meta.items() if k in shown)
     _title(ax, title or f"{text}\n{detail} · colour: square-root scale".strip(" ·"))
     _colorbar(fig, image, ax, unit)
     return fig

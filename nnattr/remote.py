@@ -282,6 +282,8 @@ def _nnattr_origin(value, depth: int = 1) -> str | None:
     if isinstance(value, (dict, list, tuple, set)) and depth:
         items = value.values() if isinstance(value, dict) else value
         return next((o for o in (_nnattr_origin(v, depth - 1) for v in items) if o), None)
+    if isinstance(value, types.ModuleType) and value.__name__.startswith("nnattr"):  # kernels too: by name
+        return f"the module {value.__name__} (call its functions by name: from {value.__name__} import ...)"
     if isinstance(value, types.ModuleType):
         module, what = value.__name__, "the module"
     elif isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):

@@ -163,6 +163,9 @@ class Attribution:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Attribution":
         """The inverse of `to_dict` (values come back as float64)."""
+        if "values" not in data and "results" in data:
+            raise ValueError("this holds several results (one per node type, as a patching command writes): "
+                             "read it with nnattr.result.read(path), which returns {node type: Attribution}")
         values = torch.tensor(_none_to_nan(data["values"]), dtype=torch.float64)
         fields = {k: data[k] for k in ("method", "title", "by", "units", "metric", "meta", "per_prompt") if k in data}
         return cls(values.reshape([len(data["labels"][d]) for d in data["dims"]]), tuple(data["dims"]),
@@ -215,6 +218,17 @@ class Attribution:
                 f"<table><tr>{head}<th>value</th></tr>{rows}</table><small>top 10 by magnitude</small></div>")
 
 
+def read(path) -> "Attribution | dict[str, Attribution]":
+    """A result from a JSON file written by ``to_json`` or a command's ``--out``: one `Attribution`,
+    or ``{name: Attribution}`` for a file holding several (the patching commands, one per node type)."""
+    from pathlib import Path
+
+    data = json.loads(Path(path).read_text())
+    if "results" in data and "values" not in data:
+        return {name: Attribution.from_dict(r) for name, r in data["results"].items()}
+    return Attribution.from_dict(data)
+
+
 def _nan_to_none(x):
     if isinstance(x, list):
         return [_nan_to_none(v) for v in x]
@@ -241,4 +255,4 @@ def _plain(v):
     return str(v)
 
 
-__all__ = ["Attribution", "POSITION_DIMS"]
+__all__ = ["Attribution", "POSITION_DIMS", "read"]

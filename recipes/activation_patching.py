@@ -24,7 +24,7 @@ import torch
 
 from nnattr import runner
 from nnattr.kernels import first, logit_diff, normalised_recovery, patched_rows  # by name: they travel to NDIF
-from nnattr.pairs import DEFAULT_NODES, Node, Pairs, pairs, patch_entries, positional
+from nnattr.pairs import DEFAULT_NODES, Node, Pairs, owners_of, pairs, patch_entries, positional
 from nnattr.result import Attribution
 
 TITLE, UNITS = "Activation patching", "recovered fraction"
@@ -59,44 +59,46 @@ def trace(model, p: Pairs, *, jobs: list, rows: int, remote=False, backend=None)
 
 
 def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
-        nodes: Sequence[Node] | None = None, candidates: Mapping[str, Attribution] | None = None, k: int = 10,
-        rows: int = 64, align: Literal["right"] | None = None, batch_size: int | None = None, remote=False,
-        backend=None) -> dict[str, Attribution]:
+        nodes: Sequence[Node] | None = None, candidates: Mapping[str, Attribution] | None = None,
+        k: int | None = None, rows: int = 64, align: Literal["right"] | None = None, batch_size: int | None = None,
+        remote=False, backend=None) -> dict[str, Attribution]:
     """Normalised recovery of patching each node, per pair: ``{node type: Attribution}``.
 
     answer: the clean prompt's answer token; distractor: subtract its logit.
     nodes: node types to patch (default resid attn mlp head, or those of candidates).
     candidates: an attribution-patching result (on the command line: the JSON its --out wrote).
-    k: with candidates, the entries patched per node type.
+    k: with candidates, the entries patched per node type (default 10).
     rows: patched rows per forward pass.
     align: "right" compares pairs of unequal length per position, aligned at the last token.
     """
+    if candidates is not None and not isinstance(candidates, Mapping):
+        raise ValueError("candidates must be {node type: Attribution}, as attribution_patching.run returns")
+    if (k is not None and candidates is None) or (k or 1) < 1 or rows < 1:
+        raise ValueError(f"k={k}, rows={rows}: k (at least 1) applies with candidates only; rows must be at least 1")
     nodes = tuple(nodes or candidates or DEFAULT_NODES)
-    if k < 1 or rows < 1:
-        raise ValueError(f"k={k}, rows={rows}: both must be at least 1")
     if candidates is not None and not set(nodes) <= set(candidates):
         raise ValueError(f"candidates hold node types {sorted(candidates)}, not all of nodes={nodes}")
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=nodes, align=align)
-    width, n_layers, n_heads = p.clean.width, p.arch.n_layers, p.arch.n_heads
+    width, n_layers, n_heads, k = p.clean.width, p.arch.n_layers, p.arch.n_heads, k or 10
     shape = lambda node: (n_layers,) + (n_heads,) * node.startswith("head") + (width,) * positional(node)  # noqa
     entries = {node: patch_entries(node, shape(node), None if candidates is None else candidates[node], k)
                for node in p.nodes}
     patched = {node: torch.full((len(p), *shape(node)), float("nan")) for node in p.nodes}
-    base = torch.full((2, len(p)), float("nan"))  # [clean / corrupted, pair]
+    base, jobs = torch.full((2, len(p)), float("nan")), {}  # base: [clean / corrupted, pair]
     for start, chunk, outs in runner.chunks(
-            lambda start, chunk, backend: trace(model, chunk, jobs=chunk.jobs(entries), rows=rows,
-                                                remote=remote, backend=backend),
-            p, batch_size=batch_size, desc="activation patching", model=model, remote=remote, backend=backend):
-        jobs = chunk.jobs(entries)
-        for i0, out in zip(range(0, len(jobs), rows), outs):
-            owners = list(dict.fromkeys(i for i, *_ in jobs[i0 : i0 + rows]))
+            lambda start, chunk, backend: trace(model, chunk, jobs=jobs.setdefault(start, chunk.jobs(entries)),
+                                                rows=rows, remote=remote, backend=backend),
+            p, batch_size=batch_size, desc=TITLE, model=model, remote=remote, backend=backend):
+        for i0, out in zip(range(0, len(jobs[start]), rows), outs):  # one forward: its owners' rows, then jobs
+            forward = jobs[start][i0 : i0 + rows]
+            owners = owners_of(forward)
             base[:, [start + i for i in owners]] = out[: 2 * len(owners)].reshape(2, len(owners))
-            for (i, node, index), value in zip(jobs[i0 : i0 + rows], out[2 * len(owners) :]):
+            for (i, node, index), value in zip(forward, out[2 * len(owners) :]):
                 patched[node][(start + i, *index)] = value
     values = {node: normalised_recovery(v, *(b.reshape(-1, *[1] * (v.ndim - 1)) for b in base))
               for node, v in patched.items()}
-    return p.results(values, base, method="activation_patching", title=TITLE, units=UNITS,
-                     meta={"k": k} if candidates is not None else {})
+    meta = {**({"k": k} if candidates is not None else {}), **({"align": align} if align else {})}
+    return p.results(values, base, method="activation_patching", title=TITLE, units=UNITS, meta=meta)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ def run(model, prompts, *, view: Literal["rollout", "value_weighted", "flow"] = 
         raise ValueError("head_fusion does not apply to view='flow', which keeps every head")
     if view != "value_weighted" and norm is not None:
         raise ValueError(f"norm applies to view='value_weighted' only, not view={view!r}")
+    if residual is not None and not 0.0 <= residual <= 1.0:
+        raise ValueError(f"residual={residual}: the identity's weight must lie in [0, 1]")
     used = {"view": view, "residual": (0.0 if view == "flow" else 0.5) if residual is None else float(residual)}
     if view != "flow":
         used["head_fusion"] = head_fusion or "mean"

@@ -76,7 +76,7 @@ def trace(model, p: Pairs, *, steps: int, remote=False, backend=None) -> dict:
 
 
 def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
-        nodes: Sequence[Node] = DEFAULT_NODES, method: Literal["atp", "ig"] = "atp", steps: int = 5,
+        nodes: Sequence[Node] = DEFAULT_NODES, method: Literal["atp", "ig"] = "atp", steps: int | None = None,
         align: Literal["right"] | None = None, batch_size: int | None = None, remote=False,
         backend=None) -> dict[str, Attribution]:
     """Estimated effect of patching each node, per pair: ``{node type: Attribution}``.
@@ -85,13 +85,13 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
     metric: a function of the logits [batch, pos, vocab] -> [batch], replacing the logit difference.
     nodes: node types to score.
     method: plain gradient (atp) or integrated gradients (ig).
-    steps: interpolation steps for method=ig.
+    steps: interpolation steps for method=ig (default 5).
     align: "right" compares pairs of unequal length per position, aligned at the last token.
     """
-    if method not in ("atp", "ig") or (method == "ig" and steps < 1):
-        raise ValueError(f"method={method!r}, steps={steps}: expected 'atp', or 'ig' with steps >= 1")
+    m = (5 if steps is None else steps) if method == "ig" else 0
+    if method not in ("atp", "ig") or (method == "ig" and m < 1) or (method == "atp" and steps is not None):
+        raise ValueError(f"method={method!r}, steps={steps}: expected 'atp' (no steps), or 'ig' with steps >= 1")
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=nodes, align=align)
-    m = steps if method == "ig" else 0
     out = runner.run(trace, model, p, steps=m, batch_size=batch_size, remote=remote, backend=backend)
     sites = p.sites()
     values = {node: out[node.removesuffix("_pos")] for node in p.nodes}
@@ -99,7 +99,7 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
               for node, v in values.items()}
     title = f"{TITLE} (EAP-IG, {m} steps)" if m else f"{TITLE} (AtP)"
     return p.results(values, out["metric"].T, method="attribution_patching", title=title, units=UNITS,
-                     meta={"method": method, **({"steps": m} if m else {})})
+                     meta={"method": method, **({"steps": m} if m else {}), **({"align": align} if align else {})})
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def run(model, prompts, target=None, distractor=None, *,
     a, scores, embeds = batch.arch, out["scores"], list(batch.arch.embeddings)
     layers, labels = [f"L{i}" for i in range(a.n_layers)], {"prompt": batch.labels}
     if by == "component":
-        labels["component"] = embeds + [f"{i}_{p}" for i in range(a.n_layers) for p in ("attn_out", "mlp_out")] + ["bias"]
+        labels["component"] = [*embeds, *(f"{i}_{p}_out" for i in range(a.n_layers) for p in ("attn", "mlp")), "bias"]
     elif by == "layer":  # attention + MLP of each layer
         e = len(embeds)
         scores = torch.cat([scores[:, :e], scores[:, e:-1].unflatten(1, (a.n_layers, 2)).sum(-1), scores[:, -1:]], 1)
@@ -104,8 +104,8 @@ def run(model, prompts, target=None, distractor=None, *,
         if by == "head_position":
             labels["position"] = [str(p - batch.width) for p in range(batch.width)]
     return Attribution(
-        scores, tuple(labels), labels, method="direct_logit_attribution", title=f"{TITLE} by {by.replace('_', ' and ')}", by=by, units=UNITS,
-        metric=batch.metric(out["target"]), tokens=batch.tokens,
+        scores, tuple(labels), labels, method="direct_logit_attribution", by=by, units=UNITS,
+        title=f"{TITLE} by {by.replace('_', ' and ')}", metric=batch.metric(out["target"]), tokens=batch.tokens,
         meta={"logit_kind": "pre-softcap logit" if a.logit_softcap else "logit"},
         per_prompt={"target": batch.decode(out["target"]), "logit": out["logit"].tolist(),
                     **({} if batch.distractor is None else {"distractor": batch.decode(batch.distractor)})},

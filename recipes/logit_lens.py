@@ -63,9 +63,9 @@ def run(model, prompts, target=None, *, positions: Literal["all", "last"] = "all
     positions: decode every position ("all") or the last one only ("last").
     k: top tokens kept per cell.
     """
-    if positions not in ("all", "last"):
-        raise ValueError(f"positions={positions!r}; expected 'all' or 'last'")
     batch = Batch.of(model, prompts, target)
+    if positions not in ("all", "last") or not 1 <= k <= batch.arch.d_vocab:
+        raise ValueError(f"positions={positions!r}, k={k}: expected 'all' or 'last', and 1 <= k <= the vocabulary")
     out = runner.run(trace, model, batch, positions=positions, k=k, batch_size=batch_size, remote=remote,
                      backend=backend)
     keep = batch.lengths if positions == "all" else (1,) * len(batch)  # each prompt's own positions

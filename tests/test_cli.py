@@ -90,7 +90,7 @@ def test_prompts_files_and_quiet_progress(tiny_folder, tmp_path, capsys):
     text = tmp_path / "prompts.txt"
     text.write_text("# a comment\nw1 w2 w3\n\nw4 w5\n")
     assert main(["head-attribution", "--model", tiny_folder, "--prompts-file", str(text)]) == 0
-    assert "(2 prompts)" in capsys.readouterr().out
+    assert "mean over 2 prompts" in capsys.readouterr().out
 
 
 def test_remote_flag_reaches_the_recipe(monkeypatch, tiny_folder, capsys):
@@ -188,3 +188,12 @@ def test_exact_patching_of_the_candidates_an_earlier_command_wrote(tiny_folder, 
 
 def _flat(x):
     return [v for item in x for v in _flat(item)] if isinstance(x, list) else [x]
+
+
+def test_float_and_int_options_reach_the_recipe(tiny_folder, tmp_path, capsys):
+    assert main(["rollout", "--model", tiny_folder, "--prompt", "w1 w2 w3", "--residual", "0.3", "--out",
+                 str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "attention_rollout.json").read_text())["meta"]["residual"] == 0.3
+    capsys.readouterr()
+    assert main(["logit-lens", "--model", tiny_folder, "--prompt", "w1 w2", "--k", "0"]) == 1  # run() refuses it
+    assert "k=0" in capsys.readouterr().err

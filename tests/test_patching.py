@@ -138,7 +138,7 @@ def flat(result, pair_lengths):
 def test_parity_with_plain_torch_hooks(zoo, arch, steps):
     hf, model = zoo(arch)
     method = "ig" if steps else "atp"
-    got = attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=NODES, method=method, steps=steps)
+    got = attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=NODES, method=method, steps=steps or None)
     ref, metric = hooks_atp(hf, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, steps=steps)
     L = [len(tiny.tokenizer()(p)["input_ids"]) for p in CORRUPTED]
     heads = lambda s: s.flatten(1, 2)  # noqa: E731  [n, layer * head, ...]
@@ -454,3 +454,35 @@ def test_remote_equals_local_in_one_request(server, recipe, kwargs):
     for node in local:
         assert_close(far[node].values, local[node].values, atol=1e-5, rtol=1e-5, equal_nan=True)
         assert far[node].per_prompt["clean_metric"] == pytest.approx(local[node].per_prompt["clean_metric"], abs=1e-5)
+
+
+def test_candidates_of_other_lengths_patch_only_positions_these_pairs_have(zoo):
+    _, model = zoo("gpt2")
+    long_clean = [p + " w11 w12 w13" for p in CLEAN]
+    long_corrupted = [p + " w11 w12 w13" for p in CORRUPTED]
+    estimate = attribution_patching.run(model, long_clean, long_corrupted, ANSWER, DISTRACTOR, nodes=("head_pos",))
+    width = estimate["head_pos"].shape[-1]
+    full = activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=("head_pos",))
+    top = activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, candidates=estimate,
+                                  k=estimate["head_pos"].values[0].numel())  # every entry, of a wider result
+    done = ~top["head_pos"].values.isnan()
+    assert done.any() and done.sum() < done.numel()  # positions beyond these pairs were skipped
+    assert_close(top["head_pos"].values[done], full["head_pos"].values[done], **TOL)  # nothing overwritten
+    assert top["head_pos"].shape[-1] < width
+
+    unequal = attribution_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, nodes=("resid",), align="right")
+    again = activation_patching.run(model, CLEAN, UNEQUAL, ANSWER, DISTRACTOR, candidates=unequal, k=3, align="right")
+    assert (~again["resid"].values.isnan()).sum() > 0 and again["resid"].meta == {"k": 3, "align": "right"}
+
+
+def test_options_that_do_not_apply_are_refused(zoo):
+    _, model = zoo("gpt2")
+    with pytest.raises(ValueError, match="k .* applies with candidates only"):
+        activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, k=2)
+    with pytest.raises(ValueError, match=r"expected 'atp' \(no steps\)"):
+        attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, steps=3)
+    with pytest.raises(ValueError, match="candidates must be"):
+        activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR,
+                                candidates=attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)["head"])
+    with pytest.raises(ValueError, match="the answer and the distractor are the same token"):
+        attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, ANSWER)

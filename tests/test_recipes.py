@@ -494,3 +494,15 @@ def test_rollout_options_apply_or_fail(zoo):
     for i, p in enumerate(PROMPTS):
         close(flow[i].values, ref.flow(hf, ids(p), residual=0.3)[0])
         close(flow[i].values.sum(-1), torch.ones(flow[i].shape[:-1]))
+
+
+def test_bad_options_are_refused_before_anything_runs(zoo):
+    _, model = zoo("gpt2")
+    with pytest.raises(ValueError, match="k=0"):
+        logit_lens.run(model, PROMPTS, k=0)
+    with pytest.raises(ValueError, match=r"residual=2.0: the identity's weight must lie in \[0, 1\]"):
+        attention_rollout.run(model, PROMPTS, residual=2.0)
+    with pytest.raises(ValueError, match="target and the distractor are the same token"):
+        direct_logit_attribution.run(model, PROMPTS, "w5", "w5")
+    one = direct_logit_attribution.run(model, tiny.tokenizer()(PROMPTS[0])["input_ids"])  # a flat list of ids
+    close(one.values, direct_logit_attribution.run(model, PROMPTS[0]).values, atol=0.0)

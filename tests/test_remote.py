@@ -571,6 +571,26 @@ def test_an_edited_copy_runs_on_ndif_and_equals_local(ndif, name, tmp_path):
         same(far[key] if key else far, local[key] if key else local, tol=1e-5)
 
 
+def test_a_kernel_called_through_its_module_is_refused_before_sending(ndif, tmp_path):
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "recipes" / "head_attribution.py").read_text()
+    edited = source.replace("from nnattr.kernels import gradients, split_heads",
+                            "from nnattr import kernels\nfrom nnattr.kernels import gradients, split_heads")
+    edited = edited.replace("scores = torch.stack([split_heads(", "scores = torch.stack([kernels.split_heads(")
+    path = tmp_path / "through_the_module.py"
+    path.write_text(edited)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = len(ndif.requests)
+    with pytest.raises(remote.NDIFError, match=r"the module nnattr.kernels \(call its functions by name") as caught:
+        module.run(CLIENTS["gpt2"], PROMPTS, remote=True)
+    assert caught.value.kind == "unshippable" and len(ndif.requests) == before
+
+
 def test_an_nnattr_object_in_the_trace_is_refused_before_sending(ndif, tmp_path):
     from pathlib import Path
 
