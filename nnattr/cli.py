@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import re
 import sys
 import typing
 from dataclasses import replace
@@ -173,6 +174,8 @@ def _option(hint, default) -> dict | None:
         return {"choices": list(args), "type": type(args[0])}
     if origin in (list, tuple, collections.abc.Sequence) and args and typing.get_origin(args[0]) is typing.Literal:
         return {"choices": list(typing.get_args(args[0])), "nargs": "+", "metavar": "TYPE"}
+    if origin in (list, tuple, collections.abc.Sequence) and args and args[0] is int:
+        return {"type": int, "nargs": "+", "metavar": "N"}
     if hint is Attribution or typing.get_args(hint)[-1:] == (Attribution,):  # a result, or {name: result}
         return {"type": _results_file, "metavar": "JSON"}
     if hint is bool:
@@ -200,7 +203,7 @@ def _param_docs(fn) -> dict[str, str]:
     """``{name: text}`` from docstring lines ``name: text`` (several names may share a line)."""
     out = {}
     for line in (fn.__doc__ or "").splitlines():
-        for part in line.strip().split("; "):
+        for part in re.split(r"; (?=[A-Za-z_]\w*: )", line.strip()):  # "a: text; b: text" names two
             name, sep, text = part.partition(": ")
             if sep and name.isidentifier():
                 out[name] = text.strip().rstrip(".")

@@ -56,6 +56,8 @@ def plot(attr, ax=None, **kw) -> Figure:
         return _attention(a, ax, **kw)
     if dims == ("head", "query", "key"):
         return _flow(a, ax, **kw)
+    if dims == ("layer", "head", "query", "key"):
+        return _maps(a, **kw)
     if dims == ("layer", "head", "position"):
         return _head_strip(a, ax, **kw)
     if dims == ("position",):
@@ -273,6 +275,34 @@ def _attention(a, ax, *, title=None, **_) -> Figure:
     detail = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in meta.items() if k in shown)
     _title(ax, title or f"{text}\n{detail} · colour: square-root scale".strip(" ·"))
     _colorbar(fig, image, ax, unit)
+    return fig
+
+
+def _maps(a, *, title=None, panels: int = 16, **_) -> Figure:
+    """One attention map per (layer, head), the first ``panels`` of them, on one colour scale."""
+    values = _np(a.values).reshape(-1, *a.shape[-2:])[:panels]  # [panel, query, key]
+    names = [f"{layer}{head}" for layer in a.labels["layer"] for head in a.labels["head"]][:panels]
+    tokens, cols = _tokens(a, "query"), min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    side = max(2.4, 0.16 * len(tokens))
+    fig = Figure(figsize=(min(30, side * cols + 1.2), min(30, side * rows + 1.2)), layout="constrained")
+    fig.set_label(_OWN)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    finite = values[np.isfinite(values)]
+    norm = colors.PowerNorm(0.5, vmin=0, vmax=float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
+    for ax, name, panel in zip(axes.flat, names, values):
+        image = ax.imshow(np.where(np.tril(np.ones_like(panel, dtype=bool)), panel, np.nan), cmap=SEQUENTIAL,
+                          norm=norm, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        _ticks(ax, "x", tokens, rotate=True, size=6)
+        _ticks(ax, "y", tokens, size=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    text, unit = describe(a)
+    more = a.values[..., 0, 0].numel() - len(names)
+    note = f" · first {len(names)} of {len(names) + more} maps (choose layers= and heads=)" if more > 0 else ""
+    fig.suptitle(title or f"{text}\nrows: query, columns: key · colour: square-root scale{note}", fontsize=10)
+    fig.colorbar(image, ax=axes, shrink=0.8).set_label(unit, fontsize=9)
     return fig
 
 

@@ -506,3 +506,43 @@ def test_bad_options_are_refused_before_anything_runs(zoo):
         direct_logit_attribution.run(model, PROMPTS, "w5", "w5")
     one = direct_logit_attribution.run(model, tiny.tokenizer()(PROMPTS[0])["input_ids"])  # a flat list of ids
     close(one.values, direct_logit_attribution.run(model, PROMPTS[0]).values, atol=0.0)
+
+
+# ----------------------------------------------------------------------------- attention views
+
+
+@pytest.mark.parametrize("view", ["patterns", "value_weighted", "norm_based", "flow"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+def test_attention_views_against_loops(zoo, arch, view):
+    from nnattr.recipes import attention_views
+
+    hf, model = zoo(arch)
+    options = {"norm": "linf"} if view == "value_weighted" else {"residual": 0.2} if view == "flow" else {}
+    every = attention_views.run(model, PROMPTS, view=view, **options)  # a padded batch
+    some = attention_views.run(model, PROMPTS, view=view, layers=[-1], heads=[2, 0], **options)
+    assert every.dims == ("prompt", "layer", "head", "query", "key") and some.labels["head"] == ["H0", "H2"]
+    for i, p in enumerate(PROMPTS):
+        if view == "flow":
+            expected = ref.flow(hf, ids(p), residual=0.2)[0][None]  # the last layer only
+            got = every[i].values[-1:]
+        else:
+            expected = ref.attention_views(hf, ids(p), view, **options)
+            got = every[i].values
+        close(got, expected)
+        close(some[i].values[0], every[i].values[-1][[0, 2]])
+        if view != "norm_based":  # probabilities: every real row sums to 1, padded keys get no mass
+            close(every[i].values.sum(-1), torch.ones(every[i].shape[:-1]))
+    assert every.values[2, ..., :3].isnan().all()  # the shortest prompt's padding (4 of 7 tokens)
+
+
+def test_attention_views_options_and_wire_size(zoo):
+    from nnattr.recipes import attention_views
+
+    _, model = zoo("llama")
+    with pytest.raises(ValueError, match="norm applies to view='value_weighted' only"):
+        attention_views.run(model, PROMPTS, norm="l1")
+    with pytest.raises(ValueError, match=r"layers=\[5\]: give indices from -2 to 1"):
+        attention_views.run(model, PROMPTS, layers=[5])
+    one = attention_views.run(model, PROMPTS, view="value_weighted", layers=[0], heads=[1])
+    assert one.shape == (3, 1, 1, 7, 7) and one.meta == {"view": "value_weighted", "norm": "l2", "layers": [0],
+                                                         "heads": [1]}

@@ -29,7 +29,7 @@ pytest.importorskip(
 import nnattr
 from nnattr import remote
 from nnattr.kernels import first
-from nnattr.recipes import attention_rollout, direct_logit_attribution, head_attribution, logit_lens
+from nnattr.recipes import attention_rollout, attention_views, direct_logit_attribution, head_attribution, logit_lens
 try:
     from tests.support import fixtures, ndif_loopback, tiny
 except ModuleNotFoundError:  # plain `pytest` without `pythonpath = ["."]`
@@ -106,6 +106,8 @@ RECIPES = {
     "lens-last": (logit_lens, dict(target=TARGETS)),
     "lens-all": (logit_lens, dict(positions="all", k=3)),
     **{f"rollout-{view}": (attention_rollout, dict(view=view)) for view in ("rollout", "value_weighted", "flow")},
+    **{f"views-{view}": (attention_views, dict(view=view, layers=[-1], heads=[1, 3]))
+       for view in ("patterns", "value_weighted", "norm_based", "flow")},
 }
 
 
@@ -242,6 +244,8 @@ def test_scores_come_back_not_activations(ndif):
     attention_rollout.run(model, PROMPTS, remote=True)
     # One [query, key] map per prompt: 3 x 7 x 7 floats, not per-layer, per-head patterns.
     assert ndif.last.result_size < 4 * 3 * 7 * 7 + 1_500 < 4 * d.n_layers * d.n_heads * 3 * 7 * 7
+    attention_views.run(model, PROMPTS, layers=[0], heads=[1], remote=True)  # only what was asked comes back
+    assert ndif.last.result_size < 4 * 3 * 7 * 7 + 1_500
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -507,6 +511,7 @@ COPY_ARGS = {
     "direct_logit_attribution": dict(args=(PROMPTS, TARGETS, DISTRACTORS), kwargs=dict(by="head_position")),
     "head_attribution": dict(args=(PROMPTS, TARGETS, DISTRACTORS), kwargs={}),
     "attention_rollout": dict(args=(PROMPTS,), kwargs=dict(view="value_weighted")),
+    "attention_views": dict(args=(PROMPTS,), kwargs=dict(view="norm_based", layers=[0, 1], heads=[2])),
     "attribution_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS), kwargs=dict(method="ig", steps=2)),
     "activation_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS), kwargs=dict(nodes=("attn", "head"), rows=4)),
 }
@@ -522,6 +527,9 @@ EDITS = {
     "attention_rollout": [("state", "running"), ("            pattern = layer.attn.output[1]  # [batch, head, query, key]\n",
                                                  "            pattern = layer.attn.output[1]  # [batch, head, query, key]\n"
                                                  "            last_pattern = nnsight.save(pattern)\n")],
+    "attention_views": [("wanted", "kept_heads"), ("            pattern = layer.attn.output[1]  # [batch, head, query, key]\n",
+                                             "            pattern = layer.attn.output[1]  # [batch, head, query, key]\n"
+                                             "            raw_seen = nnsight.save(pattern)\n")],
     "attribution_patching": [("captured", "nodes_read"), ("        logits = model.output.logits  # [rows, pos, vocab]\n",
                                                           "        logits = model.output.logits  # [rows, pos, vocab]\n"
                                                           "        last_logits = nnsight.save(logits[:, -1])\n")],

@@ -7,7 +7,7 @@ installed: recipes ship this package by value with ``nnsight.register``).
 
 Most kernels are what the recipes call inside their traces. Some are library functions no recipe
 calls yet, for tensors you saved yourself: ``attention_flow`` and ``rollout`` (every layer's
-patterns stacked), ``norm_based`` / ``norm_based_layer`` (Kobayashi et al. 2020), and the row
+patterns stacked), ``norm_based_layer`` (Kobayashi et al. 2020, all heads together), and the row
 metrics ``attention_entropy``, ``attention_concentration``, ``rollout_entropy``, ``rollout_max``.
 """
 

@@ -27,7 +27,7 @@ import torch
 
 import nnattr
 from nnattr.kernels import first
-from nnattr.recipes import attention_rollout, direct_logit_attribution, head_attribution, logit_lens
+from nnattr.recipes import attention_rollout, attention_views, direct_logit_attribution, head_attribution, logit_lens
 from tests.support.ndif_loopback import OLD_SERVER_IMPORT_WHITELIST, LoopbackNDIF, client_config, offline_repo_ids
 
 REPO = "nnattr-bench/llama-32x32"
@@ -129,6 +129,13 @@ CASES = {
     **{f"attention_rollout view={view}": (lambda m, p, view=view: attention_rollout.run(m, p, view=view, remote=True),
                                           lambda m, p, view=view: naive_rollout(m, p, view), False)
        for view in ("rollout", "value_weighted", "flow")},
+    # attention_views: one layer and one head asked for; naive: every layer's patterns (and values).
+    **{f"attention_views view={view} (1 layer, 1 head)":
+       (lambda m, p, view=view: attention_views.run(m, p, view=view, layers=[-1], heads=[0], remote=True),
+        lambda m, p, view=view: naive_rollout(m, p, "value_weighted" if view != "patterns" else view), False)
+       for view in ("patterns", "value_weighted", "norm_based")},
+    "attention_views view=patterns (1 layer, all heads)":
+        (lambda m, p: attention_views.run(m, p, layers=[-1], remote=True), lambda m, p: naive_rollout(m, p, "x"), False),
 }
 
 

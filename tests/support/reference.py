@@ -364,3 +364,34 @@ def flow(model, input_ids, *, residual: float = 0.0) -> torch.Tensor:
         a = a / a.sum(-1, keepdim=True)
         F = a if F is None else a @ F
     return F[None]
+
+
+def attention_views(model, input_ids, view: str, *, norm: str = "l2") -> torch.Tensor:
+    """Per-head attention maps of one unpadded prompt, by loops: ``[layer, head, query, key]``.
+
+    ``patterns``: the probabilities; ``value_weighted``: ``A · ‖v_k‖_norm`` renormalised per row;
+    ``norm_based``: ``A · ‖v_k W_O^h‖₂``, not renormalised."""
+    nat = native(model)
+    paths = {f"v{i}": f"{nat.blocks}.{i}.{nat.v_module}" for i in range(model.config.num_hidden_layers)}
+    with torch.no_grad(), recording(model, outputs=paths) as seen:
+        attentions = forward(model, input_ids, output_attentions=True).attentions
+    order = {"l1": 1, "l2": 2, "linf": float("inf")}[norm]
+    out = []
+    for i, A in enumerate(attentions):  # [1, head, query, key]
+        values = nat.values(seen[f"v{i}"], model)[0].double()  # [key, head, d_head]
+        W_O = _per_head_W_O(model, i)
+        layer = torch.zeros(A.shape[1:], dtype=torch.float64)
+        for h in range(A.shape[1]):
+            for q in range(A.shape[2]):
+                for k in range(q + 1):
+                    a = float(A[0, h, q, k])
+                    if view == "patterns":
+                        layer[h, q, k] = a
+                    elif view == "value_weighted":
+                        layer[h, q, k] = a * torch.linalg.vector_norm(values[k, h], ord=order)
+                    else:
+                        layer[h, q, k] = a * torch.linalg.vector_norm(values[k, h] @ W_O[h])
+                if view == "value_weighted":
+                    layer[h, q] /= layer[h, q].sum()
+        out.append(layer)
+    return torch.stack(out)
