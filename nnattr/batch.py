@@ -15,6 +15,7 @@ the ``with``: a `Batch` is a client-side object and never travels to NDIF.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence, Union
 
@@ -65,23 +66,23 @@ class Batch:
                 raise ValueError(f"this Batch was prepared for another model ({prompts.arch.family}, "
                                  f"{prompts.arch.n_layers} layers): build it with Batch.of(model, prompts)")
             n = len(prompts)
-            return replace(prompts,
-                           target=prompts.target if target is None else token_ids(tok, target, n, role=role),
-                           distractor=prompts.distractor if distractor is None else
-                           token_ids(tok, distractor, n, role="distractor"))
+            batch = replace(prompts, width=max(prompts.lengths),  # a slice of a batch is a batch of its own
+                            target=prompts.target if target is None else token_ids(tok, target, n, role=role),
+                            distractor=prompts.distractor if distractor is None else
+                            token_ids(tok, distractor, n, role="distractor"))
+            batch.check_answers(batch.target, role=role)
+            return batch
         ids = _ids(tok, prompts)
         tokens = tuple(tuple(tok.decode([i]) for i in row) for row in ids)
         texts = (prompts,) if isinstance(prompts, str) else tuple(prompts) if _texts(prompts) else None
         labels = texts or tuple(tok.decode(row, skip_special_tokens=True) for row in ids)
         _check_known(tok, ids, texts)
         answers = token_ids(tok, target, len(ids), role=role), token_ids(tok, distractor, len(ids), role="distractor")
-        same = [i for i, (a, b) in enumerate(zip(*answers)) if a == b] if None not in answers else []
-        if same:
-            raise ValueError(f"prompt {same[0]}: the {role} and the distractor are the same token "
-                             f"{tok.decode([answers[0][same[0]]])!r}, so their logit difference is 0 by construction")
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return cls(ids, tokens, labels, *answers, arch_of(model), 0 if pad is None else int(pad),
-                   max(map(len, ids)), tok)
+        batch = cls(ids, tokens, labels, *answers, arch_of(model), 0 if pad is None else int(pad),
+                    max(map(len, ids)), tok)
+        batch.check_answers(batch.target, role=role)
+        return batch
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -111,6 +112,19 @@ class Batch:
         """``target`` or ``distractor`` ids as a ``[batch]`` tensor (None when not given)."""
         ids = getattr(self, role)
         return None if ids is None else torch.tensor(ids)
+
+    def check_answers(self, target, *, role: str = "target") -> None:
+        """Refuse a distractor equal to the target (given, or the model's top prediction a trace
+        chose): the logit difference would be 0 by construction, a silent wrong number."""
+        if target is None or self.distractor is None:
+            return
+        same = [i for i, (a, b) in enumerate(zip(target, self.distractor)) if int(a) == b]
+        if same:
+            i = same[0]
+            what = f"the {role}" if self.target is not None else "the model's top prediction (the default target)"
+            raise ValueError(f"prompt {i}: {what} and the distractor are the same token "
+                             f"{self.tokenizer.decode([self.distractor[i]])!r}, so their logit difference is 0 by "
+                             f"construction; pass a target, or another distractor")
 
     def metric(self, target=None) -> str:
         """The default metric in words: ``"logit(' Mary') − logit(' John')"``, or ``logit(target)``
@@ -152,6 +166,8 @@ def token_id(tokenizer, token: Token, *, role: str = "target") -> int:
     (GPT-2: ``" Mary"``).
     """
     vocab = len(tokenizer)
+    if isinstance(token, numbers.Integral) and not isinstance(token, bool):  # numpy ints too
+        token = int(token)
     if isinstance(token, bool) or not isinstance(token, (str, int)):
         raise TypeError(f"{role} must be a token string or an int id, got {type(token).__name__}")
     if isinstance(token, int):
@@ -179,7 +195,9 @@ def token_ids(tokenizer, tokens: Token | Sequence[Token] | None, n: int, *, role
     """One id per prompt: a single token is shared by all prompts, a sequence gives one each."""
     if tokens is None:
         return None
-    if isinstance(tokens, (str, int)):
+    if hasattr(tokens, "tolist"):  # a tensor or array of ids (0-d: one id for every prompt)
+        tokens = tokens.tolist()
+    if isinstance(tokens, (str, numbers.Integral)):
         return (token_id(tokenizer, tokens, role=role),) * n
     tokens = list(tokens)
     if len(tokens) != n:

@@ -267,6 +267,8 @@ def _inputs(args) -> dict:
     """Prompts, corrupted prompts and answers from the flags, a file, or the built-in example."""
     if args.remote and args.device:
         raise UsageError("--device: a --remote model runs on NDIF's devices, not on a local one")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out: {args.out} is a file; give a folder (it is created if missing)")
     corrupted = getattr(args, "corrupted", None)
     target, distractor = getattr(args, "target", None), getattr(args, "distractor", None)
     if args.prompts_file is not None:
@@ -282,8 +284,10 @@ def _inputs(args) -> dict:
     else:
         prompts = [EXAMPLE["clean"]]
         corrupted = corrupted or [EXAMPLE["corrupted"]]
-        if hasattr(args, "target") and target is None and distractor is None:  # the example's own answers
-            target, distractor = EXAMPLE["target"], EXAMPLE["distractor"] if hasattr(args, "distractor") else None
+        if hasattr(args, "target"):  # the example's own answers, never its distractor with your target
+            if target is None and distractor is None and hasattr(args, "distractor"):
+                distractor = EXAMPLE["distractor"]
+            target = EXAMPLE["target"] if target is None else target
         sys.stderr.write(f"no --prompt given: using the built-in example {prompts[0]!r}\n")
     if corrupted is not None and len(corrupted) != len(prompts):
         raise UsageError(f"--corrupted: {len(corrupted)} corrupted prompts for {len(prompts)} prompts; "

@@ -140,7 +140,8 @@ def node_dims(node: str) -> tuple[str, ...]:
 
 def patch_entries(node: str, shape: tuple[int, ...], candidates: Attribution | None, k: int) -> list[tuple[int, ...]]:
     """Indices ``(layer, (head,) (position))`` of a node type to patch: all of ``shape``, or the top
-    ``k`` of ``candidates`` (an attribution-patching result, by mean absolute score over pairs)."""
+    ``k`` of ``candidates`` (an attribution-patching result), ranked by the magnitude of their mean
+    score over pairs."""
     if candidates is None:
         grid = torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, len(shape))
         return [tuple(i) for i in grid.tolist()]

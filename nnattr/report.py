@@ -310,7 +310,7 @@ def patching(model, clean, corrupted, target, distractor, *, top: int = 10, opti
     align = None if equal else "right"  # per-position nodes of unequal pairs: aligned at the last token
     estimate = attribution_patching.run(model, clean, corrupted, target, distractor, align=align, **options)
     exact = activation_patching.run(model, clean, corrupted, target, distractor, candidates=estimate, k=top,
-                                    align=align, **{k: v for k, v in options.items() if k != "batch_size"})
+                                    align=align, **options)  # batch_size: pairs per session, as for the estimate
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warnings are kept in the comparison and shown in the report
         comparison = compare(estimate, exact, k=top)

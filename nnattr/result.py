@@ -84,7 +84,7 @@ class Attribution:
                                  f"prompt has {width} tokens: position dimensions span the whole batch")
         if not axes or min(self.lengths) == width:
             return values
-        values = values.float().clone()
+        values = values.clone() if values.is_floating_point() else values.float()
         pad = (width - torch.tensor(self.lengths))  # [prompt]
         for axis in axes:
             shape = [1] * values.ndim
@@ -224,6 +224,9 @@ def read(path) -> "Attribution | dict[str, Attribution]":
     from pathlib import Path
 
     data = json.loads(Path(path).read_text())
+    if "sections" in data and "values" not in data:
+        raise ValueError(f"{path} is an nnattr report's results.json: each of data['sections'] holds results "
+                         f"as dicts; read one with Attribution.from_dict(data['sections'][key][name])")
     if "results" in data and "values" not in data:
         return {name: Attribution.from_dict(r) for name, r in data["results"].items()}
     return Attribution.from_dict(data)

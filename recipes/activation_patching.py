@@ -5,7 +5,7 @@ activation patched in, and the metric gives the normalised recovery
 ``(patched - corrupted) / (clean - corrupted)`` (0: no effect, 1: all of the clean behaviour;
 Meng et al. 2022, Wang et al. 2022). Node types and result dimensions: see `nnattr.pairs`.
 Give ``candidates`` (an attribution-patching result) to patch only the ``k`` entries of each
-node type it ranks highest (mean absolute score over pairs); the rest are NaN.
+node type it ranks highest (by the magnitude of the mean score over pairs); the rest are NaN.
 
 Batched: a forward holds each pair's clean and corrupted rows and up to ``rows`` patched
 copies of the corrupted prompt, each patched from its clean row as the pass reaches the node.
@@ -73,7 +73,7 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
     """
     if candidates is not None and not isinstance(candidates, Mapping):
         raise ValueError("candidates must be {node type: Attribution}, as attribution_patching.run returns")
-    if (k is not None and candidates is None) or (k or 1) < 1 or rows < 1:
+    if (k is not None and (candidates is None or k < 1)) or rows < 1:
         raise ValueError(f"k={k}, rows={rows}: k (at least 1) applies with candidates only; rows must be at least 1")
     nodes = tuple(nodes or candidates or DEFAULT_NODES)
     if candidates is not None and not set(nodes) <= set(candidates):
@@ -86,11 +86,12 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
     patched = {node: torch.full((len(p), *shape(node)), float("nan")) for node in p.nodes}
     base, jobs = torch.full((2, len(p)), float("nan")), {}  # base: [clean / corrupted, pair]
     for start, chunk, outs in runner.chunks(
-            lambda start, chunk, backend: trace(model, chunk, jobs=jobs.setdefault(start, chunk.jobs(entries)),
-                                                rows=rows, remote=remote, backend=backend),
+            lambda start, chunk, backend: trace(model, chunk, jobs=jobs.setdefault((start, len(chunk)),
+                                                chunk.jobs(entries)), rows=rows, remote=remote, backend=backend),
             p, batch_size=batch_size, desc=TITLE, model=model, remote=remote, backend=backend):
-        for i0, out in zip(range(0, len(jobs[start]), rows), outs):  # one forward: its owners' rows, then jobs
-            forward = jobs[start][i0 : i0 + rows]
+        done = jobs[start, len(chunk)]  # (a chunk retried smaller after running out of memory has its own)
+        for i0, out in zip(range(0, len(done), rows), outs):  # one forward: its owners' rows, then jobs
+            forward = done[i0 : i0 + rows]
             owners = owners_of(forward)
             base[:, [start + i for i in owners]] = out[: 2 * len(owners)].reshape(2, len(owners))
             for (i, node, index), value in zip(forward, out[2 * len(owners) :]):

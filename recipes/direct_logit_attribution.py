@@ -7,7 +7,6 @@ by="component": embeddings, each layer's attention and MLP output, bias.     [pr
 by="layer":     embeddings, each layer's attention + MLP, bias.               [prompt, layer]
 by="head":      each head (the output projection's bias is left out).          [prompt, layer, head]
 by="head_position": each head split by the source position it reads.   [prompt, layer, head, position]
-
 Wire: only the scores come back; the residual writes stay on the server.
 
     python recipes/direct_logit_attribution.py --prompt "..." --target " Mary" --distractor " John" --by head
@@ -91,6 +90,7 @@ def run(model, prompts, target=None, distractor=None, *,
     if by == "head_position":
         batch.arch.require_probabilities("DLA by head and position")
     out = runner.run(trace, model, batch, by=by, batch_size=batch_size, remote=remote, backend=backend)
+    batch.check_answers(out["target"])  # the model's own top prediction may be the distractor
     a, scores, embeds = batch.arch, out["scores"], list(batch.arch.embeddings)
     layers, labels = [f"L{i}" for i in range(a.n_layers)], {"prompt": batch.labels}
     if by == "component":

@@ -62,6 +62,7 @@ def run(model, prompts, target=None, distractor=None, *, by: Literal["head", "he
         raise ValueError(f"by={by!r}; expected 'head' or 'head_position'")
     batch = Batch.of(model, prompts, target, distractor)
     out = runner.run(trace, model, batch, by=by, batch_size=batch_size, remote=remote, backend=backend)
+    batch.check_answers(out["target"])  # the model's own top prediction may be the distractor
     a = batch.arch
     labels = {"prompt": batch.labels, "layer": [f"L{i}" for i in range(a.n_layers)],
               "head": [f"H{h}" for h in range(a.n_heads)]}

@@ -35,6 +35,7 @@ def test_python_m_nnattr_help(capsys):
     (["dla", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
     (["dla", "--prompt", "x", "--prompts-file", "p.txt"], "not allowed with argument"),
     (["dla", "--prompts-file", "/no/such/prompts.txt"], "--prompts-file: no such file"),
+    (["dla", "--out", __file__], "is a file; give a folder"),
     (["report", "--prompt", "a", "--prompt", "b", "--corrupted", "c"], "--corrupted: 1 corrupted prompts for 2 prompts"),
     (["attribution-patching", "--prompt", "a"], "--corrupted: this command needs a corrupted prompt"),
 ])

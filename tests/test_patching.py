@@ -486,3 +486,26 @@ def test_options_that_do_not_apply_are_refused(zoo):
                                 candidates=attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)["head"])
     with pytest.raises(ValueError, match="the answer and the distractor are the same token"):
         attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, ANSWER)
+
+
+def test_exact_patching_backs_off_on_out_of_memory(zoo, monkeypatch):
+    from nnattr import runner
+
+    _, model = zoo("gpt2")
+    whole = activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=("head",))
+    real, seen = activation_patching.trace, []
+
+    def tight(model, p, **kw):  # a GPU that holds one pair at a time
+        seen.append(len(p))
+        if len(p) > 1:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(model, p, **kw)
+
+    monkeypatch.setattr(activation_patching, "trace", tight)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(runner, "_fits_on_gpu", lambda model, n: n)
+    backed_off = activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=("head",))
+    assert seen[0] == len(CLEAN) and set(seen[-len(CLEAN):]) == {1}
+    assert_close(backed_off["head"].values, whole["head"].values, **TOL)
+    with pytest.raises(ValueError, match="k applies with candidates only|k .* applies with candidates"):
+        activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, candidates=whole, k=0)

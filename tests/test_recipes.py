@@ -504,6 +504,10 @@ def test_bad_options_are_refused_before_anything_runs(zoo):
         attention_rollout.run(model, PROMPTS, residual=2.0)
     with pytest.raises(ValueError, match="target and the distractor are the same token"):
         direct_logit_attribution.run(model, PROMPTS, "w5", "w5")
+    as_ids = [direct_logit_attribution.run(model, PROMPTS, t).values for t in (token("w5"), torch.tensor(token("w5")),
+                                                                             torch.tensor([token("w5")] * 3))]
+    close(as_ids[1], as_ids[0], atol=0.0) and close(as_ids[2], as_ids[0], atol=0.0)
+    close(as_ids[0], direct_logit_attribution.run(model, PROMPTS, "w5").values, atol=0.0)
     one = direct_logit_attribution.run(model, tiny.tokenizer()(PROMPTS[0])["input_ids"])  # a flat list of ids
     close(one.values, direct_logit_attribution.run(model, PROMPTS[0]).values, atol=0.0)
 
@@ -546,3 +550,20 @@ def test_attention_views_options_and_wire_size(zoo):
     one = attention_views.run(model, PROMPTS, view="value_weighted", layers=[0], heads=[1])
     assert one.shape == (3, 1, 1, 7, 7) and one.meta == {"view": "value_weighted", "norm": "l2", "layers": [0],
                                                          "heads": [1]}
+
+
+def test_a_slice_of_a_batch_and_the_top_prediction_as_distractor(zoo):
+    from nnattr.batch import Batch
+
+    hf, model = zoo("gpt2")
+    batch = Batch.of(model, PROMPTS)
+    part = logit_lens.run(model, batch[2:])  # a batch of its own: its own width
+    close(part.values, logit_lens.run(model, PROMPTS[2:]).values, atol=0.0)
+    with torch.no_grad():
+        top = int(hf(ids(PROMPTS[0])).logits[0, -1].argmax())
+    with pytest.raises(ValueError, match="the model's top prediction .* and the distractor are the same token"):
+        direct_logit_attribution.run(model, PROMPTS[0], distractor=top)
+    with pytest.raises(ValueError, match="the target and the distractor are the same token"):
+        direct_logit_attribution.run(model, Batch.of(model, PROMPTS, "w5"), distractor="w5")
+    padded = logit_lens.run(model, PROMPTS)
+    assert nnattr.Attribution.from_json(padded.to_json()).values.dtype == torch.float64
