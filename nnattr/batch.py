@@ -25,8 +25,7 @@ from .arch import Arch, arch_of
 
 Token = Union[str, int]
 #: One prompt or many: text, a list of token ids (or of such lists), a ``[pos]`` or ``[batch, pos]``
-#: id tensor, or
-#: a tokenizer encoding ``{"input_ids", "attention_mask"}`` (padding on either side).
+#: id tensor, or a tokenizer encoding ``{"input_ids", "attention_mask"}`` (padding on either side).
 Prompts = Union[str, Sequence[str], Sequence[Sequence[int]], torch.Tensor, Mapping[str, Any]]
 
 

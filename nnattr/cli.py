@@ -25,7 +25,6 @@ import typing
 from dataclasses import replace
 from pathlib import Path
 import types
-from types import ModuleType
 
 from .result import Attribution
 
@@ -42,7 +41,7 @@ class UsageError(Exception):
     """A problem with the command line found after parsing (exit 2)."""
 
 
-def recipes() -> dict[str, ModuleType]:
+def recipes() -> dict[str, types.ModuleType]:
     """Every recipe in ``nnattr.recipes`` by command name (a module with a ``run``): a new file
     there is a new subcommand, named after the file (``logit_lens`` -> ``logit-lens``)."""
     import pkgutil
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
     return _run(_parser(), argv)
 
 
-def recipe_main(module: ModuleType, argv=None) -> int:
+def recipe_main(module: types.ModuleType, argv=None) -> int:
     """Entry point of a recipe file run as a script: ``python recipes/logit_lens.py``, or a copy
     of it, runs *that file's* ``run`` with options read from its signature and docstring."""
     if isinstance(module, str):  # a name in nnattr.recipes
@@ -78,7 +77,7 @@ def recipe_main(module: ModuleType, argv=None) -> int:
     return _run(parser, argv)
 
 
-def _summary(module: ModuleType) -> str:
+def _summary(module: types.ModuleType) -> str:
     return (module.__doc__ or getattr(module, "TITLE", module.__name__)).strip().splitlines()[0]
 
 
@@ -141,7 +140,7 @@ _COMMON = {"model", "batch_size", "remote", "backend"}
 _INPUTS = {"prompts", "clean", "corrupted", "target", "answer", "distractor"}
 
 
-def _recipe_options(p: argparse.ArgumentParser, module: ModuleType) -> None:
+def _recipe_options(p: argparse.ArgumentParser, module: types.ModuleType) -> None:
     """The recipe's own options, read from its ``run``: one flag per keyword argument whose type
     a command line can give (``Literal`` choices, int, float, bool, a sequence of choices), with
     ``run``'s default and the ``name: text`` line of its docstring as help."""
@@ -155,7 +154,7 @@ def _recipe_options(p: argparse.ArgumentParser, module: ModuleType) -> None:
     for name, param in params.items():
         if param.kind is not param.KEYWORD_ONLY or name in _COMMON | _INPUTS:
             continue
-        option = _option(hints.get(name), param.default)
+        option = _option(hints.get(name))
         if option is None:  # a function or a result: Python API only
             continue
         shown = " ".join(param.default) if isinstance(param.default, (list, tuple)) else param.default
@@ -164,7 +163,7 @@ def _recipe_options(p: argparse.ArgumentParser, module: ModuleType) -> None:
                        help=docs.get(name, name.replace("_", " ")) + default, **option)
 
 
-def _option(hint, default) -> dict | None:
+def _option(hint) -> dict | None:
     """argparse keywords for a ``run`` parameter's type, or None if a command line cannot give it."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:  # X | None

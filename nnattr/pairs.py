@@ -198,7 +198,6 @@ def pairs(model, clean, corrupted, answer, distractor, *, metric, nodes, align) 
                 f"the last token; those only one prompt has are NaN) or ask only for node types summed over positions."
             )
     width = max(a.width, b.width)
-    b = replace(b, target=a.target, distractor=a.distractor)
     return Pairs(replace(a, width=width), replace(b, width=width), metric, nodes)
 
 

@@ -282,17 +282,16 @@ def _nnattr_origin(value, depth: int = 1) -> str | None:
     if isinstance(value, (dict, list, tuple, set)) and depth:
         items = value.values() if isinstance(value, dict) else value
         return next((o for o in (_nnattr_origin(v, depth - 1) for v in items) if o), None)
-    if isinstance(value, types.ModuleType) and value.__name__.startswith("nnattr"):  # kernels too: by name
-        return f"the module {value.__name__} (call its functions by name: from {value.__name__} import ...)"
-    if isinstance(value, types.ModuleType):
-        module, what = value.__name__, "the module"
-    elif isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
-        module, what = getattr(value, "__module__", "") or "", "a function" if callable(value) else "a class"
-        what = "a class" if isinstance(value, type) else what
+    if isinstance(value, types.ModuleType):  # an nnattr module, the kernels too: call functions by name
+        name = value.__name__
+        return f"the module {name} (call its functions by name: from {name} import ...)" \
+            if name.split(".")[0] == "nnattr" else None
+    if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+        module, what = getattr(value, "__module__", "") or "", "a class" if isinstance(value, type) else "a function"
     else:
         module, what = type(value).__module__, f"a {type(value).__name__}"
-    if module == "nnattr" or module.startswith("nnattr.") and not module.startswith("nnattr.kernels"):
-        return f"{what} from {module}" if what != "the module" else f"the module {module}"
+    if module.split(".")[0] == "nnattr" and not module.startswith("nnattr.kernels"):
+        return f"{what} from {module}"
     return None
 
 

@@ -78,8 +78,8 @@ def run(model, prompts, *, view: Literal["rollout", "value_weighted", "flow"] = 
         used["norm"] = norm or "l2"
     batch = Batch.of(model, prompts)
     batch.arch.require_probabilities(f"attention {view}")
-    out = runner.run(trace, model, batch, **{"head_fusion": None, "norm": None, **used}, batch_size=batch_size,
-                     remote=remote, backend=backend)
+    out = runner.run(trace, model, batch, view=view, residual=used["residual"], head_fusion=used.get("head_fusion"),
+                     norm=used.get("norm"), batch_size=batch_size, remote=remote, backend=backend)
     positions = [str(p - batch.width) for p in range(batch.width)]
     labels = {"prompt": batch.labels, "query": positions, "key": positions}
     if view == "flow":

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import socket
 import time
-import warnings
 
 import nnsight
 import pytest
