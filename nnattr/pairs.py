@@ -28,6 +28,7 @@ from .result import Attribution
 Node = Literal["resid", "attn", "attn_pos", "mlp", "mlp_pos", "head", "head_pos"]
 NODES: tuple[str, ...] = Node.__args__
 DEFAULT_NODES = ("resid", "attn", "mlp", "head")
+SITES = ("resid", "head", "attn", "mlp")  # where node types are read, in forward order within a layer
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, pos, vocab] -> [batch]
 
 
@@ -66,6 +67,11 @@ class Pairs:
         width = self.clean.width
         return torch.arange(width)[None, :] >= (width - both)[:, None]
 
+    def shape(self, node: str) -> tuple[int, ...]:
+        """``(layer, (head,) (position))``: the nodes of a node type in one pair, over the common width."""
+        return (self.arch.n_layers,) + (self.arch.n_heads,) * node.startswith("head") + \
+            (self.clean.width,) * positional(node)
+
     def sites(self) -> dict[str, bool]:
         """Activations to read (``resid``, ``head``, ``attn``, ``mlp``): do we keep positions?"""
         out: dict[str, bool] = {}
@@ -80,31 +86,39 @@ class Pairs:
         return [(i, node, index) for i in range(len(self)) for node, indices in entries.items() for index in indices
                 if not positional(node) or overlap[i, index[-1]]]
 
+    def forwards(self, jobs, rows: int) -> list[list[tuple[int, str, tuple[int, ...]]]]:
+        """The jobs of activation patching split into forwards: one layer's jobs each (so every row
+        restarts at that layer), at most ``rows`` per forward, in layer order."""
+        by_layer: dict[int, list] = {}
+        for job in jobs:
+            by_layer.setdefault(job[2][0], []).append(job)
+        return [group[i : i + rows] for _, group in sorted(by_layer.items()) for i in range(0, len(group), rows)]
+
     def plan(self, jobs) -> tuple:
-        """One forward of activation patching: ``(inputs, sites, answer, distractor)``. Rows are each
-        owning pair's clean prompt, its corrupted prompt, then one corrupted copy per job; ``sites[layer]``
-        maps ``resid`` / ``head`` / ``attn`` / ``mlp`` to ``(rows, source rows, positions, channels)``,
-        the arguments of `nnattr.kernels.patched_rows`."""
-        owners = owners_of(jobs)
-        row_of = {i: r for r, i in enumerate(owners)}  # the pair's clean row; its corrupted row is + len(owners)
+        """One forward of activation patching, its jobs all at one layer: ``(layer, inputs, owners,
+        patches)``. Row ``r`` is the corrupted prompt of pair ``owners[r]``, patched by job ``r``;
+        ``patches`` maps ``resid`` / ``head`` / ``attn`` / ``mlp`` to ``(rows, source pairs,
+        positions, channels)``, the arguments of `nnattr.kernels.patched_rows` after the activations."""
+        layers = {index[0] for _, _, index in jobs}
+        if len(layers) != 1:
+            raise ValueError(f"a forward patches one layer, not layers {sorted(layers)}: split jobs with forwards()")
         overlap, d_head, width = self.overlap(), self.arch.d_head, self.clean.width
-        plan = [{} for _ in range(self.arch.n_layers)]
-        for r, (i, node, index) in enumerate(jobs, start=2 * len(owners)):
+        patches: dict[str, list] = {}
+        for r, (i, node, index) in enumerate(jobs):
             site = node.removesuffix("_pos")
             where = torch.arange(width) == index[-1] if positional(node) else overlap[i]  # [pos]
             channels = None if site != "head" else torch.arange(self.arch.n_heads * d_head) // d_head == index[1]
-            plan[index[0]].setdefault(site, []).append((r, row_of[i], where, channels))
-        sites = [{s: _stack(entries[s]) for s in ("resid", "head", "attn", "mlp") if s in entries} for entries in plan]
-        rows = owners * 2 + [i for i, *_ in jobs]
-        ids = lambda role: None if getattr(self.clean, role) is None else torch.tensor(  # noqa: E731
-            [getattr(self.clean, role)[i] for i in rows])
-        return self.inputs_of(owners, rows[len(owners):]), sites, ids("target"), ids("distractor")
+            patches.setdefault(site, []).append((r, i, where, channels))
+        owners = [i for i, *_ in jobs]
+        inputs = self.inputs_of([], owners)
+        return layers.pop(), inputs, torch.tensor(owners), {s: _stack(patches[s]) for s in SITES if s in patches}
 
     def results(self, values: dict[str, torch.Tensor], metrics: torch.Tensor, *, method: str, title: str,
                 units: str, meta: dict | None = None) -> dict[str, Attribution]:
-        """``{node type: Attribution}`` from ``{node type: [pair, layer, (head,) (position)]}`` with
-        positions spanning the common width; they are cut to the corrupted prompts (the result's
-        tokens), and positions outside a pair's overlap are NaN. ``metrics``: ``[2, pair]``."""
+        """``{node type: Attribution}`` from ``{node type: [pair, layer, (head,) (position)]}`` (or
+        from values per site, ``{"head": ...}``, summed over positions for node types without them)
+        with positions spanning the common width; they are cut to the corrupted prompts (the
+        result's tokens), and positions outside a pair's overlap are NaN. ``metrics``: ``[2, pair]``."""
         width, n = max(self.corrupted.lengths), self.arch.n_layers
         outside = ~self.overlap()[:, -width:]  # [pair, position]
         labels = {"prompt": list(self.clean.labels), "layer": [f"L{i}" for i in range(n)],
@@ -115,8 +129,10 @@ class Pairs:
             if getattr(self.clean, role) is not None:
                 per_prompt["answer" if role == "target" else role] = self.clean.decode(getattr(self.clean, role))
         out = {}
-        for node, v in values.items():
-            dims = node_dims(node)
+        for node in self.nodes:
+            v, dims = values[node] if node in values else values[node.removesuffix("_pos")], node_dims(node)
+            if v.ndim > len(dims):  # a node type summed over positions, read where positions were kept
+                v = v.sum(-1)
             if positional(node):
                 v = v[..., -width:].masked_fill(outside.reshape(len(self), *[1] * (v.ndim - 2), width), float("nan"))
             out[node] = Attribution(
@@ -159,11 +175,6 @@ def patch_entries(node: str, shape: tuple[int, ...], candidates: Attribution | N
         if not torch.isnan(v) and row[-1] >= 0:  # a position these pairs do not have is not patched
             out.append(tuple(row))
     return out
-
-
-def owners_of(jobs) -> list[int]:
-    """The pairs a forward's jobs patch, in order: their clean rows, then their corrupted rows, lead it."""
-    return list(dict.fromkeys(i for i, *_ in jobs))
 
 
 def _stack(entries):

@@ -3,10 +3,10 @@
 Nanda 2023; Syed et al. 2023. For clean/corrupted pairs and a metric ``m`` (default: logit of
 ``answer`` minus ``distractor`` at the last position), the effect of patching node ``a`` from
 the clean run into the corrupted run is estimated as
-``grad_a m(corrupted) . (a_clean - a_corrupted)``: one batched forward of both rows and one
-backward score every node of every pair. ``method="ig"`` averages the gradient over ``steps``
-points between the corrupted and clean input embeddings (EAP-IG, Hanna et al. 2024), at
-``steps`` more rows per pair.
+``grad_a m(corrupted) . (a_clean - a_corrupted)``: a forward of the clean prompts without
+gradients, then a forward and one backward of the corrupted prompts score every node of every
+pair. ``method="ig"`` averages the gradient over ``steps`` points between the corrupted and
+clean input embeddings instead (EAP-IG, Hanna et al. 2024): ``steps`` rows per pair.
 
 Node types (``nodes=``) and result dimensions: see `nnattr.pairs`. Values are in metric units;
 ``per_prompt`` holds each pair's clean and corrupted metric. Pairs of unequal length are
@@ -28,50 +28,64 @@ from nnattr import runner
 from nnattr.kernels import (  # kernels by name: they travel to NDIF
     attribution_scores, first, gradients, head_attribution_scores, interpolate, logit_diff, pair_delta, path_gradient,
 )
-from nnattr.pairs import DEFAULT_NODES, Node, Pairs, pairs, positional
+from nnattr.pairs import DEFAULT_NODES, Node, Pairs, pairs
 from nnattr.result import Attribution
 
 TITLE, UNITS = "Attribution patching", "estimated effect (metric)"
 
 
 def trace(model, p: Pairs, *, steps: int, remote=False, backend=None) -> dict:
-    """Rows [clean, corrupted, (path steps)]; one forward, one backward to the captured nodes."""
-    n, sites, n_heads, metric = len(p), p.sites(), p.arch.n_heads, p.metric
-    mask, answer, other = p.overlap(), p.clean.answer("target"), p.clean.answer("distractor")
-    alphas = (torch.arange(steps) + 0.5) / steps if steps else None  # midpoints of equal steps
-    with model.trace(p.inputs(copies=1 + steps), remote=remote, backend=backend):
-        if steps:  # the path from corrupted to clean, in the input embeddings
-            model.embed.output = interpolate(model.embed.output, mask, alphas).requires_grad_(True)
-        else:
-            model.embed.output.requires_grad_(True)  # frozen hosted weights: start the graph here
-        acts = {site: [] for site in sites}  # [rows, pos, width] per layer, in forward order
-        for layer in model.layers:
-            if "resid" in sites:
-                acts["resid"].append(layer.input)
-            if "head" in sites:
-                acts["head"].append(layer.attn.o_proj.input)
-            if "attn" in sites:
-                acts["attn"].append(first(layer.attn_out.output))
-            if "mlp" in sites:
-                acts["mlp"].append(first(layer.mlp_out.output))
-        logits = model.output.logits  # [rows, pos, vocab]
-        if metric is None:
-            rep = lambda ids: None if ids is None else ids.repeat(2 + steps)  # noqa: E731 (every block of rows)
-            values = logit_diff(logits, rep(answer), rep(other))
-        else:
-            values = metric(logits).float()  # [rows]
-        captured = [a for site in sites for a in acts[site]]
-        grads = iter(gradients(values[n if steps == 0 else 2 * n :].sum(), captured))
-        out = {"metric": values[: 2 * n].detach().float().reshape(2, n).T.cpu()}  # [pair, clean / corrupted]
-        for site, keep in sites.items():
-            scores = []
-            for act in acts[site]:
-                grad, delta = path_gradient(next(grads), n_pairs=n, steps=steps), pair_delta(act, mask)
-                s = head_attribution_scores(grad, delta, n_heads=n_heads) if site == "head" else \
-                    attribution_scores(grad, delta)  # [pair, (head,) pos]
-                scores.append(s if keep else s.sum(-1))
-            out[site] = torch.stack(scores, dim=1).detach().cpu()  # [pair, layer, (head,) (pos)]
-        out = nnsight.save(out)
+    """One session: the clean rows (IG: and the corrupted) without gradients, then the rows the
+    gradient is taken at (AtP: corrupted; IG: ``steps`` copies on the path) and one backward."""
+    n, sites, n_heads, metric, mask = len(p), p.sites(), p.arch.n_heads, p.metric, p.overlap()
+    answer, other, alphas = p.clean.answer("target"), p.clean.answer("distractor"), (torch.arange(steps) + 0.5) / steps
+    last = {} if metric else {"logits_to_keep": 1}  # the default metric reads the last position only
+    plain, path = p.inputs_of(range(n), range(n) if steps else []), p.inputs_of([], list(range(n)) * max(steps, 1))
+    with model.session(remote=remote, backend=backend):
+        value = lambda logits, k: metric(logits).float() if metric else logit_diff(  # noqa: E731 [rows]
+            logits, answer.repeat(k), None if other is None else other.repeat(k))
+        with torch.no_grad(), model.trace(plain, **last):
+            emb = model.embed.output  # [clean (, corrupted), pos, d_model]
+            base = {site: [] for site in sites}  # [rows, pos, width] per layer, in forward order
+            for layer in model.layers:
+                if "resid" in sites:
+                    base["resid"].append(layer.input)
+                if "head" in sites:
+                    base["head"].append(layer.attn.o_proj.input)
+                if "attn" in sites:
+                    base["attn"].append(first(layer.attn_out.output))
+                if "mlp" in sites:
+                    base["mlp"].append(first(layer.mlp_out.output))
+            base_metric = value(model.output.logits, 1 + (steps > 0))  # [clean (, corrupted)]
+        with model.trace(path, **last):
+            if steps:  # the path from corrupted to clean, in the input embeddings
+                model.embed.output = interpolate(emb[:n], emb[n:], mask, alphas).requires_grad_(True)  # midpoints
+            else:
+                model.embed.output.requires_grad_(True)  # frozen hosted weights: start the graph here
+            acts = {site: [] for site in sites}
+            for layer in model.layers:
+                if "resid" in sites:
+                    acts["resid"].append(layer.input)
+                if "head" in sites:
+                    acts["head"].append(layer.attn.o_proj.input)
+                if "attn" in sites:
+                    acts["attn"].append(first(layer.attn_out.output))
+                if "mlp" in sites:
+                    acts["mlp"].append(first(layer.mlp_out.output))
+            values = value(model.output.logits, max(steps, 1))  # [rows]
+            grads = iter(gradients(values.sum(), [a for site in sites for a in acts[site]]))
+            corrupted = base_metric[n:] if steps else values.detach()  # the corrupted rows' metric
+            out = {"metric": torch.stack([base_metric[:n], corrupted], 1).cpu()}  # [pair, clean / corrupted]
+            for site, keep in sites.items():
+                scores = []
+                for clean, act in zip(base[site], acts[site]):
+                    delta = pair_delta(clean[:n], clean[n:] if steps else act, mask)
+                    grad = path_gradient(next(grads), steps=steps)
+                    s = head_attribution_scores(grad, delta, n_heads=n_heads) if site == "head" else \
+                        attribution_scores(grad, delta)  # [pair, (head,) pos]
+                    scores.append(s if keep else s.sum(-1))
+                out[site] = torch.stack(scores, dim=1).detach().cpu()  # [pair, layer, (head,) (pos)]
+            out = nnsight.save(out)
     return out
 
 
@@ -93,12 +107,8 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
         raise ValueError(f"method={method!r}, steps={steps}: expected 'atp' (no steps), or 'ig' with steps >= 1")
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=nodes, align=align)
     out = runner.run(trace, model, p, steps=m, batch_size=batch_size, remote=remote, backend=backend)
-    sites = p.sites()
-    values = {node: out[node.removesuffix("_pos")] for node in p.nodes}
-    values = {node: v if positional(node) or not sites[node.removesuffix("_pos")] else v.sum(-1)
-              for node, v in values.items()}
     title = f"{TITLE} (EAP-IG, {m} steps)" if m else f"{TITLE} (AtP)"
-    return p.results(values, out["metric"].T, method="attribution_patching", title=title, units=UNITS,
+    return p.results(out, out["metric"].T, method="attribution_patching", title=title, units=UNITS,
                      meta={"method": method, **({"steps": m} if m else {}), **({"align": align} if align else {})})
 
 

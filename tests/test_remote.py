@@ -528,12 +528,12 @@ EDITS = {
     "attention_views": [("wanted", "kept_heads"), ("            pattern = layer.attn.output[1]  # [batch, head, query, key]\n",
                                              "            pattern = layer.attn.output[1]  # [batch, head, query, key]\n"
                                              "            raw_seen = nnsight.save(pattern)\n")],
-    "attribution_patching": [("captured", "nodes_read"), ("        logits = model.output.logits  # [rows, pos, vocab]\n",
-                                                          "        logits = model.output.logits  # [rows, pos, vocab]\n"
-                                                          "        last_logits = nnsight.save(logits[:, -1])\n")],
-    "activation_patching": [("values", "metric_values"), ("                logits = model.output.logits  # [rows, pos, vocab]\n",
-                                                          "                logits = model.output.logits  # [rows, pos, vocab]\n"
-                                                          "                last_logits = nnsight.save(logits[:, -1])\n")],
+    "attribution_patching": [("base", "clean_acts"), ("            values = value(model.output.logits, max(steps, 1))  # [rows]\n",
+                                                      "            values = value(model.output.logits, max(steps, 1))  # [rows]\n"
+                                                      "            values_seen = nnsight.save(values.detach())\n")],
+    "activation_patching": [("start", "restart"), ("                outs.append(value(model.output.logits, owners).cpu())\n",
+                                                   "                outs.append(value(model.output.logits, owners).cpu())\n"
+                                                   "                metric_seen = nnsight.save(outs[-1])\n")],
 }
 
 
@@ -549,6 +549,7 @@ def edited_copy(name: str, folder) -> object:
     head, rest = source.split("def trace(", 1)
     body, tail = rest.split("\ndef run(", 1)
     (old, new), (anchor, extra) = EDITS[name]
+    assert re.search(rf"\b{old}\b", body) and anchor in body, f"EDITS[{name!r}] no longer matches the recipe"
     body = re.sub(rf"\b{old}\b", new, body).replace(anchor, extra)
     lines = []
     for line in body.splitlines(keepends=True):

@@ -1,9 +1,9 @@
 """Attribution patching and activation patching on clean/corrupted pairs (Nanda 2023).
 
-A batch holds ``n`` pairs as rows ``[clean_1 .. clean_n, corrupted_1 .. corrupted_n]``,
-optionally followed by ``steps * n`` rows on the path between them (integrated gradients,
-``[step_1 pairs .., step_2 pairs .., ...]``). The first-order estimate of patching node ``a``,
-taken from the clean run, into the corrupted run is
+Activations are ``[n, pos, width]`` per pair, the clean and the corrupted prompts' read in
+separate passes (the clean one needs no gradient); integrated gradients add ``steps * n`` rows on
+the path between them (``[step_1 pairs .., step_2 pairs .., ...]``). The first-order estimate
+of patching node ``a``, taken from the clean run, into the corrupted run is
 
     score(a) = grad_a m(corrupted) . (a_clean - a_corrupted)                (AtP)
 
@@ -11,7 +11,7 @@ and with ``steps`` interpolation steps the gradient is the mean over the path in
 (EAP-IG, Hanna et al. 2024). Positions are right-aligned (left padding); a pair whose prompts
 differ in length is compared on the positions both have (``overlap_mask``).
 
-Exact patching puts the clean activation into the corrupted row (``patched_rows``) and reports
+Exact patching puts the clean activation into a corrupted row (``patched_rows``) and reports
 ``(patched - corrupted) / (clean - corrupted)`` (``normalised_recovery``).
 """
 
@@ -68,28 +68,26 @@ def overlap_mask(clean_lengths: torch.Tensor, corrupted_lengths: torch.Tensor, l
     return torch.arange(length, device=both.device)[None, :] >= (length - both)[:, None]
 
 
-def pair_delta(act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def pair_delta(clean: torch.Tensor, corrupted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``clean - corrupted`` of every pair, zero off the overlap.
 
-    act: ``[rows, pos, width]`` with rows ``[clean (n), corrupted (n), ...]``; mask: ``[n, pos]``.
-    Returns ``[n, pos, width]``.
+    clean, corrupted: ``[n, pos, width]``; mask: ``[n, pos]``. Returns ``[n, pos, width]``.
     """
-    n = mask.shape[0]
-    if act.ndim != 3 or act.shape[0] < 2 * n or act.shape[1] != mask.shape[1]:
-        raise ValueError(f"activation {tuple(act.shape)} does not hold 2 x {n} rows of {mask.shape[1]} positions")
-    return (act[:n] - act[n : 2 * n]) * mask[..., None].to(device=act.device, dtype=act.dtype)
+    if clean.ndim != 3 or clean.shape != corrupted.shape or clean.shape[:2] != mask.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} activations are not "
+                         f"[n, pos, width] for the overlap mask {tuple(mask.shape)}")
+    return (clean - corrupted) * mask[..., None].to(device=clean.device, dtype=clean.dtype)
 
 
-def path_gradient(grad: torch.Tensor, *, n_pairs: int, steps: int = 0) -> torch.Tensor:
-    """The gradient the estimate uses: the corrupted rows' (``steps=0``, AtP), or the mean over
-    the ``steps`` interpolated rows (integrated gradients). grad: ``[rows, pos, width]`` with
-    ``rows = (2 + steps) * n_pairs``. Returns ``[n_pairs, pos, width]``."""
-    if grad.shape[0] != (2 + steps) * n_pairs:
-        raise ValueError(f"gradient {tuple(grad.shape)} does not hold (2 + {steps}) x {n_pairs} rows")
+def path_gradient(grad: torch.Tensor, *, steps: int = 0) -> torch.Tensor:
+    """The gradient the estimate uses: ``grad`` itself (``steps=0``: AtP, taken at the corrupted
+    rows), or its mean over ``steps`` blocks of rows on the path (integrated gradients).
+    grad: ``[max(steps, 1) * n, pos, width]``. Returns ``[n, pos, width]``."""
     if steps == 0:
-        return grad[n_pairs : 2 * n_pairs]
-    path = rearrange(grad[2 * n_pairs :], "(step n) pos width -> step n pos width", step=steps)
-    return path.mean(0)
+        return grad
+    if grad.shape[0] % steps:
+        raise ValueError(f"gradient {tuple(grad.shape)} does not hold {steps} blocks of rows")
+    return rearrange(grad, "(step n) pos width -> step n pos width", step=steps).mean(0)
 
 
 def attribution_scores(grad: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -113,43 +111,43 @@ def head_attribution_scores(grad: torch.Tensor, delta: torch.Tensor, *, n_heads:
     return rearrange(product, "n pos (head d_head) -> n head pos d_head", head=n_heads).sum(-1)
 
 
-def interpolate(emb: torch.Tensor, mask: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """Input rows for integrated gradients: the clean and corrupted rows of ``emb``, then one
-    corrupted copy per step with its overlap moved ``alpha`` of the way towards clean.
+def interpolate(clean: torch.Tensor, corrupted: torch.Tensor, mask: torch.Tensor,
+                alphas: torch.Tensor) -> torch.Tensor:
+    """Input rows for integrated gradients: one copy of the corrupted rows per step, with the
+    overlap moved ``alpha`` of the way towards clean.
 
-    emb: ``[rows >= 2n, pos, d_model]`` (rows past ``2n`` are replaced); mask: ``[n, pos]``;
-    alphas: ``[step]``. Returns ``[(2 + step) * n, pos, d_model]``.
+    clean, corrupted: ``[n, pos, d_model]`` (input embeddings); mask: ``[n, pos]``;
+    alphas: ``[step]``. Returns ``[step * n, pos, d_model]``, step-major.
     """
-    n = mask.shape[0]
-    corrupted = emb[n : 2 * n]
-    delta = pair_delta(emb, mask)  # [n, pos, d_model]
-    path = corrupted[None] + alphas.to(emb.dtype).to(emb.device)[:, None, None, None] * delta[None]
-    return torch.cat([emb[: 2 * n], rearrange(path, "step n pos d -> (step n) pos d")])
+    delta = pair_delta(clean, corrupted, mask)  # [n, pos, d_model]
+    path = corrupted[None] + alphas.to(device=clean.device, dtype=clean.dtype)[:, None, None, None] * delta[None]
+    return rearrange(path, "step n pos d -> (step n) pos d")
 
 
 def patched_rows(
     x: torch.Tensor,
+    clean: torch.Tensor,
     rows: torch.Tensor,
     source: torch.Tensor,
     positions: torch.Tensor,
     channels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows ``rows`` of ``x`` with the entries selected by ``positions`` (and ``channels``) taken
-    over from rows ``source``: write the result back with ``x[rows] = ...``.
+    over from rows ``source`` of ``clean``: write the result back with ``x[rows] = ...``.
 
-    x: ``[batch, pos, width]``; rows, source: ``[r]``; positions: ``[r, pos]`` bool;
-    channels: ``[r, width]`` bool (one head's slice), or None for every channel.
-    Returns ``[r, pos, width]``.
+    x: ``[batch, pos, width]``; clean: ``[n, pos, width]`` (the same activation in the clean run);
+    rows, source: ``[r]``; positions: ``[r, pos]`` bool; channels: ``[r, width]`` bool (one head's
+    slice), or None for every channel. Returns ``[r, pos, width]``.
     """
-    if positions.shape != (rows.shape[0], x.shape[1]) or source.shape != rows.shape:
+    if positions.shape != (rows.shape[0], x.shape[1]) or source.shape != rows.shape or clean.shape[1:] != x.shape[1:]:
         raise ValueError(
             f"rows {tuple(rows.shape)}, source {tuple(source.shape)} and positions {tuple(positions.shape)} "
-            f"do not match activation {tuple(x.shape)}"
+            f"do not match activation {tuple(x.shape)} and clean activation {tuple(clean.shape)}"
         )
     select = positions.to(x.device)[:, :, None]  # [r, pos, 1]
     if channels is not None:
         select = select & channels.to(x.device)[:, None, :]  # [r, pos, width]
-    return torch.where(select, x[source.to(x.device)], x[rows.to(x.device)])
+    return torch.where(select, clean[source.to(clean.device)].to(x.device), x[rows.to(x.device)])
 
 
 def normalised_recovery(patched: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
