@@ -7,10 +7,11 @@ Meng et al. 2022, Wang et al. 2022). Node types and result dimensions: see `nnat
 Give ``candidates`` (an attribution-patching result) to patch only the ``k`` entries of each
 node type it ranks highest (by the magnitude of the mean score over pairs); the rest are NaN.
 
-Batched: a forward holds each pair's clean and corrupted rows and up to ``rows`` patched
-copies of the corrupted prompt, each patched from its clean row as the pass reaches the node.
-Every forward of a chunk of pairs runs in one session: remotely one request, one queue wait.
-Wire: one metric per row comes back.
+Batched, and restarted at each node's layer: one pass over the clean and corrupted prompts
+caches the clean activations and the residual stream; each later forward patches up to ``rows``
+corrupted prompts at one layer ``l``, skipping the layers before it (their output: the cached
+residual), so a node at layer ``l`` of ``L`` costs ``(L - l) / L`` of a forward. All forwards of
+a chunk of pairs run in one session: remotely one request. Wire: one metric per row comes back.
 
     python recipes/activation_patching.py --clean "..." --corrupted "..." --answer " Mary" --distractor " John"
 """
@@ -24,36 +25,51 @@ import torch
 
 from nnattr import runner
 from nnattr.kernels import first, logit_diff, normalised_recovery, patched_rows  # by name: they travel to NDIF
-from nnattr.pairs import DEFAULT_NODES, Node, Pairs, owners_of, pairs, patch_entries, positional
+from nnattr.pairs import DEFAULT_NODES, Node, Pairs, pairs, patch_entries
 from nnattr.result import Attribution
 
 TITLE, UNITS = "Activation patching", "recovered fraction"
 
 
-def trace(model, p: Pairs, *, jobs: list, rows: int, remote=False, backend=None) -> list:
-    """One session; per forward: the pairs' clean and corrupted rows, then one patched row per job."""
-    plans = [p.plan(jobs[i : i + rows]) for i in range(0, len(jobs), rows)]
-    metric = p.metric
-    with torch.no_grad(), model.session(remote=remote, backend=backend):
-        outs = list()
-        for inputs, sites, answer, distractor in plans:
-            with model.trace(inputs):
-                for layer, plan in zip(model.layers, sites):  # forward order: resid, head, attn, mlp
-                    if "resid" in plan:
-                        x = layer.input  # [rows, pos, d_model]
-                        x[plan["resid"][0]] = patched_rows(x, *plan["resid"])
-                    if "head" in plan:
-                        z = layer.attn.o_proj.input  # [rows, pos, head * d_head]
-                        z[plan["head"][0]] = patched_rows(z, *plan["head"])
-                    if "attn" in plan:
-                        a = first(layer.attn_out.output)
-                        a[plan["attn"][0]] = patched_rows(a, *plan["attn"])
-                    if "mlp" in plan:
-                        o = first(layer.mlp_out.output)
-                        o[plan["mlp"][0]] = patched_rows(o, *plan["mlp"])
-                logits = model.output.logits  # [rows, pos, vocab]
-                values = logit_diff(logits, answer, distractor) if metric is None else metric(logits).float()
-                outs.append(values.cpu())
+def trace(model, p: Pairs, *, forwards: list, remote=False, backend=None) -> list:
+    """One session: the clean and corrupted rows once, caching what the patches need; then per
+    forward, one layer's patched rows, restarted at that layer from the corrupted run's cache."""
+    n, sites, metric, both = len(p), p.sites(), p.metric, p.inputs()  # both: rows clean (n), corrupted (n)
+    plans, answer, other = [p.plan(jobs) for jobs in forwards], p.clean.answer("target"), p.clean.answer("distractor")
+    last = {} if metric else {"logits_to_keep": 1}  # the default metric reads the last position only
+    with model.session(remote=remote, backend=backend):
+        value = lambda logits, i: metric(logits).float() if metric else logit_diff(  # noqa: E731 [rows of pairs i]
+            logits, answer[i], None if other is None else other[i])
+        with torch.no_grad(), model.trace(both, **last):
+            resid, clean = [], {site: [] for site in sites}  # per layer, in forward order
+            for layer in model.layers:
+                resid.append(layer.input)  # the residual stream entering the layer, both runs
+                if "head" in sites:
+                    clean["head"].append(layer.attn.o_proj.input[:n])
+                if "attn" in sites:
+                    clean["attn"].append(first(layer.attn_out.output)[:n])
+                if "mlp" in sites:
+                    clean["mlp"].append(first(layer.mlp_out.output)[:n])
+            outs = [value(model.output.logits, torch.arange(n).repeat(2)).cpu()]  # [clean (n), corrupted (n)]
+        for l, inputs, owners, patch in plans:  # each row: the corrupted prompt of pair owners[row]
+            with torch.no_grad(), model.trace(inputs, **last):
+                start = resid[l][n + owners]  # the corrupted run, entering layer l
+                for i in range(l):  # layers before l: the corrupted run's, taken from the cache
+                    model.layers[i].skip(start)
+                layer = model.layers[l]
+                if "resid" in patch:
+                    x = layer.input  # [rows, pos, d_model]
+                    x[patch["resid"][0]] = patched_rows(x, resid[l][:n], *patch["resid"])
+                if "head" in patch:
+                    z = layer.attn.o_proj.input  # [rows, pos, head * d_head]
+                    z[patch["head"][0]] = patched_rows(z, clean["head"][l], *patch["head"])
+                if "attn" in patch:
+                    a = first(layer.attn_out.output)
+                    a[patch["attn"][0]] = patched_rows(a, clean["attn"][l], *patch["attn"])
+                if "mlp" in patch:
+                    o = first(layer.mlp_out.output)
+                    o[patch["mlp"][0]] = patched_rows(o, clean["mlp"][l], *patch["mlp"])
+                outs.append(value(model.output.logits, owners).cpu())
         outs = nnsight.save(outs)
     return outs
 
@@ -79,26 +95,20 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
     if candidates is not None and not set(nodes) <= set(candidates):
         raise ValueError(f"candidates hold node types {sorted(candidates)}, not all of nodes={nodes}")
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=nodes, align=align)
-    width, n_layers, n_heads, k = p.clean.width, p.arch.n_layers, p.arch.n_heads, k or 10
-    shape = lambda node: (n_layers,) + (n_heads,) * node.startswith("head") + (width,) * positional(node)  # noqa
-    entries = {node: patch_entries(node, shape(node), None if candidates is None else candidates[node], k)
-               for node in p.nodes}
-    patched = {node: torch.full((len(p), *shape(node)), float("nan")) for node in p.nodes}
-    base, jobs = torch.full((2, len(p)), float("nan")), {}  # base: [clean / corrupted, pair]
+    entries = {node: patch_entries(node, p.shape(node), candidates and candidates[node], k or 10) for node in p.nodes}
+    patched = {node: torch.full((len(p), *p.shape(node)), float("nan")) for node in p.nodes}
+    base, forwards = torch.full((2, len(p)), float("nan")), {}  # base: [clean / corrupted, pair]
     for start, chunk, outs in runner.chunks(
-            lambda start, chunk, backend: trace(model, chunk, jobs=jobs.setdefault((start, len(chunk)),
-                                                chunk.jobs(entries)), rows=rows, remote=remote, backend=backend),
+            lambda start, chunk, backend: trace(model, chunk, forwards=forwards.setdefault(
+                (start, len(chunk)), chunk.forwards(chunk.jobs(entries), rows)), remote=remote, backend=backend),
             p, batch_size=batch_size, desc=TITLE, model=model, remote=remote, backend=backend):
-        done = jobs[start, len(chunk)]  # (a chunk retried smaller after running out of memory has its own)
-        for i0, out in zip(range(0, len(done), rows), outs):  # one forward: its owners' rows, then jobs
-            forward = done[i0 : i0 + rows]
-            owners = owners_of(forward)
-            base[:, [start + i for i in owners]] = out[: 2 * len(owners)].reshape(2, len(owners))
-            for (i, node, index), value in zip(forward, out[2 * len(owners) :]):
+        base[:, start : start + len(chunk)] = outs[0].reshape(2, len(chunk))
+        for jobs, out in zip(forwards[start, len(chunk)], outs[1:]):  # (a chunk retried smaller has its own)
+            for (i, node, index), value in zip(jobs, out):
                 patched[node][(start + i, *index)] = value
     values = {node: normalised_recovery(v, *(b.reshape(-1, *[1] * (v.ndim - 1)) for b in base))
               for node, v in patched.items()}
-    meta = {**({"k": k} if candidates is not None else {}), **({"align": align} if align else {})}
+    meta = {**({"k": k or 10} if candidates is not None else {}), **({"align": align} if align else {})}
     return p.results(values, base, method="activation_patching", title=TITLE, units=UNITS, meta=meta)
 
 

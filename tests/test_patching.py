@@ -248,6 +248,49 @@ def test_custom_metric_equals_default(zoo):
     assert_close(exact["head"].values, exact_default["head"].values, **TOL)
 
 
+def test_gradients_only_where_the_estimate_needs_them(zoo):
+    """AtP: the clean rows run without gradients, the backward covers the corrupted rows only; IG: the
+    clean and corrupted rows without, the path's rows with. Seen by a metric recording its calls."""
+    hf, model = zoo("gpt2")
+    calls = []
+
+    def metric(logits):  # [rows, pos, vocab]: a custom metric gets every position's logits
+        calls.append((logits.shape[0], logits.shape[1], logits.requires_grad))
+        return logits[:, -1, 5] - logits[:, -1, 9]
+
+    width = max(len(p.split()) for p in CLEAN + CORRUPTED)
+    n = len(CLEAN)
+    attribution_patching.run(model, CLEAN, CORRUPTED, metric=metric, nodes=("head",))
+    assert calls[1:] == [(n, width, False), (n, width, True)]  # calls[0]: the probe before any trace
+    calls.clear()
+    attribution_patching.run(model, CLEAN, CORRUPTED, metric=metric, nodes=("head",), method="ig", steps=3)
+    assert calls[1:] == [(2 * n, width, False), (3 * n, width, True)]
+    calls.clear()
+    activation_patching.run(model, CLEAN, CORRUPTED, metric=metric, nodes=("attn",))
+    assert all(not grad for *_, grad in calls[1:])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_exact_patching_restarts_each_row_at_its_layer(zoo, arch):
+    """The layers before a node's layer never run for its patched rows: they take the corrupted
+    run's cached residual stream. Counted with hooks on the native layers."""
+    hf, model = zoo(arch)
+    spec = nnattr.spec_for(hf)
+    layers = hf.get_submodule(spec.layers)
+    seen = [0] * len(layers)  # rows through each layer's MLP (a skipped layer runs none of its modules)
+    hooks = [layer.get_submodule(spec.mlp).register_forward_hook(
+        lambda m, a, out, i=i: seen.__setitem__(i, seen[i] + len(a[0]))) for i, layer in enumerate(layers)]
+    try:
+        out = activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=("head", "mlp"), rows=5)
+    finally:
+        for h in hooks:
+            h.remove()
+    n, heads = len(CLEAN), hf.config.num_attention_heads
+    jobs_at = [n * (heads + 1)] * len(layers)  # every head and the MLP of each layer, per pair
+    assert seen == [2 * n + sum(jobs_at[: i + 1]) for i in range(len(layers))]
+    assert not torch.isnan(out["head"].values).any() and not torch.isnan(out["mlp"].values).any()
+
+
 # ----------------------------------------------------------------------------- unequal lengths
 
 
@@ -320,20 +363,33 @@ def test_kernels_against_loops():
     act, grad = torch.randn(6, 5, 8, generator=g), torch.randn(6, 5, 8, generator=g)
     mask = K.overlap_mask(torch.tensor([5, 3]), torch.tensor([4, 5]), 5)
     assert mask.tolist() == [[False, True, True, True, True], [False, False, True, True, True]]
-    delta = K.pair_delta(act, mask)
-    scores = K.head_attribution_scores(K.path_gradient(grad, n_pairs=2, steps=1), delta, n_heads=2)  # [2, head, pos]
-    assert_close(K.attribution_scores(K.path_gradient(grad, n_pairs=2, steps=1), delta), scores.sum(1))
+    delta = K.pair_delta(act[:2], act[2:4], mask)
+    path = K.path_gradient(grad, steps=3)  # the mean of 3 blocks of 2 rows
+    assert_close(path, (grad[:2] + grad[2:4] + grad[4:]) / 3)
+    scores = K.head_attribution_scores(path, delta, n_heads=2)  # [2, head, pos]
+    assert_close(K.attribution_scores(path, delta), scores.sum(1))
     for i in range(2):
         for h in range(2):
             for p in range(5):
                 sl = slice(4 * h, 4 * h + 4)
-                expected = grad[4 + i, p, sl] @ (act[i, p, sl] - act[2 + i, p, sl]) if mask[i, p] else 0.0
+                expected = path[i, p, sl] @ (act[i, p, sl] - act[2 + i, p, sl]) if mask[i, p] else 0.0
                 assert_close(scores[i, h, p], torch.as_tensor(expected), atol=1e-6, rtol=1e-6)
-    rows = K.patched_rows(act, torch.tensor([4]), torch.tensor([0]), mask[:1], torch.arange(8)[None] < 4)
-    assert_close(rows[0, 1:, :4], act[0, 1:, :4]) and assert_close(rows[0, :, 4:], act[4, :, 4:])
-    assert_close(rows[0, 0], act[4, 0])
-    with pytest.raises(ValueError, match=r"\(2 \+ 0\) x 4"):
-        K.path_gradient(grad, n_pairs=4)
+    assert K.path_gradient(grad, steps=0) is grad  # AtP: the corrupted rows' own gradient
+    alphas = torch.tensor([0.25, 0.75])
+    steps = K.interpolate(act[:2], act[2:4], mask, alphas)  # [step * pair, pos, d]
+    for s, a in enumerate(alphas):
+        for i in range(2):
+            expected = torch.where(mask[i, :, None], act[2 + i] + a * (act[i] - act[2 + i]), act[2 + i])
+            assert_close(steps[2 * s + i], expected)
+    clean = act[:2]  # row 4 takes pair 1's clean values, on its overlap, in the first head's channels
+    rows = K.patched_rows(act, clean, torch.tensor([4]), torch.tensor([1]), mask[1:], torch.arange(8)[None] < 4)
+    assert_close(rows[0, 2:, :4], clean[1, 2:, :4])
+    assert_close(rows[0, :, 4:], act[4, :, 4:])
+    assert_close(rows[0, :2], act[4, :2])
+    with pytest.raises(ValueError, match="4 blocks of rows"):
+        K.path_gradient(grad, steps=4)
+    with pytest.raises(ValueError, match="overlap mask"):
+        K.pair_delta(act[:2], act[2:5], mask)
 
 
 def test_validation_report(zoo):
