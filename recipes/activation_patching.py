@@ -51,24 +51,24 @@ def trace(model, p: Pairs, *, forwards: list, remote=False, backend=None) -> lis
                 if "mlp" in sites:
                     clean["mlp"].append(first(layer.mlp_out.output)[:n])
             outs = [value(model.output.logits, torch.arange(n).repeat(2)).cpu()]  # [clean (n), corrupted (n)]
-        for l, inputs, owners, patch in plans:  # each row: the corrupted prompt of pair owners[row]
+        for at, inputs, owners, patch in plans:  # a layer; each row: the corrupted prompt of pair owners[row]
             with torch.no_grad(), model.trace(inputs, **last):
-                start = resid[l][n + owners]  # the corrupted run, entering layer l
-                for i in range(l):  # layers before l: the corrupted run's, taken from the cache
+                start = resid[at][n + owners]  # the corrupted run, entering that layer
+                for i in range(at):  # the layers before it: the corrupted run's, taken from the cache
                     model.layers[i].skip(start)
-                layer = model.layers[l]
+                layer = model.layers[at]
                 if "resid" in patch:
                     x = layer.input  # [rows, pos, d_model]
-                    x[patch["resid"][0]] = patched_rows(x, resid[l][:n], *patch["resid"])
+                    x[patch["resid"][0]] = patched_rows(x, resid[at][:n], *patch["resid"])
                 if "head" in patch:
                     z = layer.attn.o_proj.input  # [rows, pos, head * d_head]
-                    z[patch["head"][0]] = patched_rows(z, clean["head"][l], *patch["head"])
+                    z[patch["head"][0]] = patched_rows(z, clean["head"][at], *patch["head"])
                 if "attn" in patch:
                     a = first(layer.attn_out.output)
-                    a[patch["attn"][0]] = patched_rows(a, clean["attn"][l], *patch["attn"])
+                    a[patch["attn"][0]] = patched_rows(a, clean["attn"][at], *patch["attn"])
                 if "mlp" in patch:
                     o = first(layer.mlp_out.output)
-                    o[patch["mlp"][0]] = patched_rows(o, clean["mlp"][l], *patch["mlp"])
+                    o[patch["mlp"][0]] = patched_rows(o, clean["mlp"][at], *patch["mlp"])
                 outs.append(value(model.output.logits, owners).cpu())
         outs = nnsight.save(outs)
     return outs

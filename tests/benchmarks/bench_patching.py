@@ -9,7 +9,8 @@ steadier on a shared machine), as multiples of a baseline: one plain Hugging Fac
 - ``atp``: ``recipes/attribution_patching`` for the heads (2 forward rows + 1 backward per pair);
 - ``atp_hooks``: the same scores with plain PyTorch forward hooks and autograd (no nnsight);
 - ``ig_steps5``: the recipe with ``method="ig", steps=5``;
-- ``exact_batched``: ``recipes/activation_patching``, 144 patched rows in one forward per pair;
+- ``exact_batched``: ``recipes/activation_patching`` with ``rows=144``: each forward holds one
+  layer's patched rows (12 heads x pairs), restarted at that layer;
 - ``exact_unbatched``: the same with ``rows=1``: one forward per head and pair.
 
     PYTHONPATH=. python tests/benchmarks/bench_patching.py                 # 2 pairs of 16 tokens
