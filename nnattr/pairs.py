@@ -166,7 +166,7 @@ def patch_entries(node: str, shape: tuple[int, ...], candidates: Attribution | N
         raise ValueError(f"candidates for {node!r} have dims {candidates.dims} and shape {candidates.shape}, not "
                          f"{node_dims(node)} with {shape[:structure]} layers (and heads): pass the "
                          f"attribution_patching result of the same model")
-    mean = candidates.mean().values  # [layer, (head,) (position: right-aligned to the candidates' prompts)]
+    mean = candidates.mean(align="end").values  # [layer, (head,) (position: counted from the last token)]
     top, index = topk_flat(mean, k)
     out = []
     for v, row in zip(top, index.tolist()):

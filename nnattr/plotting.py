@@ -71,9 +71,17 @@ def plot(attr, ax=None, **kw) -> Figure:
 
 def describe(attr) -> tuple[str, str]:
     """``(title, unit)`` of a result: its title, then the metric and how prompts were combined."""
-    n = attr.meta.get("n_prompts")
-    details = ([f"metric: {attr.metric}"] if attr.metric else []) + ([f"mean over {n} prompts"] if n else [])
+    details = ([f"metric: {attr.metric}"] if attr.metric else []) + ([over_prompts(attr)] if over_prompts(attr) else [])
     return attr.title + ("\n" + " · ".join(details) if details else ""), attr.units
+
+
+def over_prompts(attr) -> str:
+    """How a result was reduced over prompts, in words ("" for one prompt)."""
+    n = attr.meta.get("n_prompts")
+    if not n:
+        return ""
+    aligned = " (positions counted from the last token)" if attr.meta.get("align") == "end" else ""
+    return f"{attr.meta.get('statistic', 'mean')} over {n} prompts{aligned}"
 
 
 def _np(values) -> np.ndarray:
@@ -248,8 +256,7 @@ def _lens(a, ax, *, title=None, **_) -> Figure:
     if one:
         how = "cell text: top prediction (bold when it is the expected next token); colour: P(expected token)"
     else:
-        n = a.meta.get("n_prompts")
-        how = "colour: probability of the expected next token" + (f" · mean over {n} prompts" if n else "")
+        how = "colour: probability of the expected next token" + (f" · {over_prompts(a)}" if over_prompts(a) else "")
     _title(ax, title or f"{name}\n{how}")
     _colorbar(fig, image, ax, "probability of the expected token")
     return fig

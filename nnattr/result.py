@@ -11,7 +11,7 @@ import html
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 
@@ -28,7 +28,8 @@ class Attribution:
 
     Recipes return one ``Attribution`` whose first dimension is ``"prompt"`` (one row per
     prompt, even for one prompt). ``result[i]`` is prompt ``i`` alone (its padding stripped,
-    positions labelled ``"3:John"``); ``result.mean()`` averages over prompts.
+    positions labelled ``"3:John"``); ``result.mean()``, ``.std()`` and ``.count()`` reduce over
+    prompts.
 
     Fields: ``method`` (the recipe, ``"direct_logit_attribution"``), ``title`` (in words),
     ``by`` (the resolution or node type, ``"head"``), ``units`` (of one value, ``"logits"``),
@@ -122,20 +123,61 @@ class Attribution:
             meta["tokens"] = list(self.tokens[i])
         return replace(self, values=values, dims=dims, labels=labels, meta=meta, per_prompt={}, tokens=None)
 
-    def mean(self) -> "Attribution":
-        """The average over prompts (NaN padding ignored)."""
-        if self.dims[0] != "prompt":
-            raise TypeError(f"mean averages over prompts, but this result has dims {self.dims}")
-        dims = self.dims[1:]
-        return replace(self, values=self.values.float().nanmean(0), dims=dims,
-                       labels={d: self.labels[d] for d in dims}, meta={**self.meta, "n_prompts": len(self)},
-                       per_prompt={}, tokens=None)
+    def mean(self, *, align: Literal["end"] | None = None) -> "Attribution":
+        """The average over prompts (NaN padding ignored).
+
+        A position dimension of prompts with different lengths points at different tokens:
+        position ``-3`` is another word in each prompt. Such a mean is refused unless
+        ``align="end"``: positions counted back from each prompt's last token (the batch's own
+        alignment); each entry then averages the prompts that have that position (`count`), so a
+        mean row of a pattern need not sum to 1. ``meta`` records ``n_prompts`` and ``align``.
+        """
+        values = self._over_prompts("mean", align)
+        return self._reduced(values.nanmean(0), "mean", align)
+
+    def std(self, *, align: Literal["end"] | None = None) -> "Attribution":
+        """The standard deviation over prompts (NaN padding ignored; ``n - 1`` in the denominator,
+        NaN where fewer than two prompts have an entry): how consistent an attribution is across
+        inputs. Positions as in `mean`."""
+        values = self._over_prompts("std", align)
+        n = (~values.isnan()).sum(0)
+        square = (values - values.nanmean(0)).square().nansum(0)
+        std = (square / (n - 1).clamp(min=1)).sqrt().masked_fill(n < 2, float("nan"))
+        return self._reduced(std, "standard deviation", align)
+
+    def count(self, *, align: Literal["end"] | None = None) -> "Attribution":
+        """How many prompts each entry of `mean` and `std` averages (padding and NaN excluded)."""
+        values = self._over_prompts("count", align)
+        return replace(self._reduced((~values.isnan()).sum(0).float(), "count", align), units="prompts")
 
     def single(self) -> "Attribution":
-        """The one prompt of a one-prompt result, or the mean of many: what plots show."""
+        """The one prompt of a one-prompt result, or the mean of many (positions counted from the
+        last token): what plots show."""
         if self.dims and self.dims[0] == "prompt":
-            return self[0] if len(self) == 1 else self.mean()
+            return self[0] if len(self) == 1 else self.mean(align="end")
         return self
+
+    def _over_prompts(self, what: str, align) -> torch.Tensor:
+        if self.dims[0] != "prompt":
+            raise TypeError(f"{what} reduces over prompts, but this result has dims {self.dims}")
+        if align not in (None, "end"):
+            raise ValueError(f"align={align!r}; expected None or 'end' (positions counted from the last token)")
+        positions = [d for d in self.dims if d in POSITION_DIMS]
+        if positions and align is None and self.lengths and len(set(self.lengths)) > 1:
+            raise ValueError(
+                f"the prompts have {min(self.lengths)} to {max(self.lengths)} tokens, so each {positions[0]!r} "
+                f"index is a different token in each prompt and a {what} over prompts would mix them. Pass "
+                f"align='end' to count positions back from each prompt's last token (each entry then covers the "
+                f"prompts that have that position: see count()), or reduce prompts of one length.")
+        return self.values.float()
+
+    def _reduced(self, values: torch.Tensor, what: str, align) -> "Attribution":
+        dims = self.dims[1:]
+        meta = {**self.meta, "n_prompts": len(self), **({"align": align} if align else {})}
+        if what != "mean":
+            meta["statistic"] = what
+        return replace(self, values=values, dims=dims, labels={d: self.labels[d] for d in dims}, meta=meta,
+                       per_prompt={}, tokens=None)
 
     def top(self, k: int = 10, *, absolute: bool = True) -> list[tuple[tuple[str, ...], float]]:
         """The ``k`` largest entries (by magnitude when ``absolute``) as ``(labels, value)``."""

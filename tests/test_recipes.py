@@ -369,7 +369,48 @@ def test_result_type(zoo, name):
         for axis, dim in enumerate(one.dims):
             if dim in ("position", "query", "key"):
                 assert one.labels[dim] == [f"{j}:{w}" for j, w in enumerate(p.split())] and one.shape[axis] == n
-    close(result.mean().values, result.values.double().nanmean(0), equal_nan=True)
+    close(result.mean(align="end").values, result.values.double().nanmean(0), equal_nan=True)
+    if any(d in ("position", "query", "key") for d in result.dims):  # 5, 7 and 4 tokens: positions differ
+        with pytest.raises(ValueError, match="a different token in each prompt"):
+            result.mean()
+    else:
+        close(result.mean().values, result.values.double().nanmean(0))
+
+
+def test_mean_std_and_count_over_prompts():
+    """Against statistics.mean / stdev entry by entry; positions of unequal prompts only when aligned."""
+    import statistics
+
+    from nnattr.result import Attribution
+
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 5.0, -1.0], [0.0, 7.0, 1.0, 2.0]])
+    tokens = [("a", "b", "c", "d"), ("e", "f"), ("g", "h", "i")]  # right-aligned: padding is masked to NaN
+    a = Attribution(values, ("prompt", "position"), {"prompt": ["p", "q", "r"], "position": ["-4", "-3", "-2", "-1"]},
+                    tokens=tokens)
+    with pytest.raises(ValueError, match="2 to 4 tokens.*align='end'"):
+        a.mean()
+    for reduce in (a.std, a.count):
+        with pytest.raises(ValueError, match="align='end'"):
+            reduce()
+    mean, std, count = a.mean(align="end"), a.std(align="end"), a.count(align="end")
+    columns = [[row[j] for row, t in zip(values.tolist(), tokens) if j >= 4 - len(t)] for j in range(4)]
+    assert count.values.tolist() == [len(c) for c in columns] == [1, 2, 3, 3]
+    close(mean.values, torch.tensor([statistics.mean(c) for c in columns]))
+    assert math.isnan(std.values[0])  # one prompt has that position: no spread to measure
+    close(std.values[1:], torch.tensor([statistics.stdev(c) for c in columns[1:]]))
+    assert mean.meta["align"] == "end" and std.meta["statistic"] == "standard deviation" and count.units == "prompts"
+    same = Attribution(values, ("prompt", "position"), {"prompt": ["p", "q", "r"], "position": list("wxyz")},
+                       tokens=[tuple("abcd")] * 3)  # one length: no alignment needed
+    close(same.mean().values, values.mean(0))
+    close(same.std().values, values.std(0))
+
+
+def test_mean_rollout_rows_still_sum_to_one(zoo):
+    """Averaged over prompts of one length, each query's rollout row remains a distribution."""
+    _, model = zoo("gpt2")
+    prompts = tiny.prompts(4, lengths=(6,))
+    mean = attention_rollout.run(model, prompts).mean()
+    close(mean.values.sum(-1), torch.ones(mean.shape[:-1]))
 
 
 def _flatten(x):
