@@ -87,31 +87,29 @@ class Pairs:
                 if not positional(node) or overlap[i, index[-1]]]
 
     def forwards(self, jobs, rows: int) -> list[list[tuple[int, str, tuple[int, ...]]]]:
-        """The jobs of activation patching split into forwards: one layer's jobs each (so every row
-        restarts at that layer), at most ``rows`` per forward, in layer order."""
-        by_layer: dict[int, list] = {}
-        for job in jobs:
-            by_layer.setdefault(job[2][0], []).append(job)
-        return [group[i : i + rows] for _, group in sorted(by_layer.items()) for i in range(0, len(group), rows)]
+        """The jobs of activation patching in forwards of at most ``rows``, sorted by their node's
+        layer: each forward restarts at its first (lowest) layer and patches the later ones as
+        the pass reaches them."""
+        ordered = sorted(jobs, key=lambda job: job[2][0])  # stable: the order within a layer is kept
+        return [ordered[i : i + rows] for i in range(0, len(ordered), rows)]
 
     def plan(self, jobs) -> tuple:
-        """One forward of activation patching, its jobs all at one layer: ``(layer, inputs, owners,
-        patches)``. Row ``r`` is the corrupted prompt of pair ``owners[r]``, patched by job ``r``;
-        ``patches`` maps ``resid`` / ``head`` / ``attn`` / ``mlp`` to ``(rows, source pairs,
-        positions, channels)``, the arguments of `nnattr.kernels.patched_rows` after the activations."""
-        layers = {index[0] for _, _, index in jobs}
-        if len(layers) != 1:
-            raise ValueError(f"a forward patches one layer, not layers {sorted(layers)}: split jobs with forwards()")
+        """One forward of activation patching: ``(start, inputs, owners, patches)``. Row ``r`` is the
+        corrupted prompt of pair ``owners[r]``, patched by job ``r``; the forward restarts at layer
+        ``start`` (the lowest of its jobs); ``patches`` maps each layer with jobs, in order, to
+        ``{site: (rows, source pairs, positions, channels)}``: ``resid`` / ``head`` / ``attn`` /
+        ``mlp`` and the arguments of `nnattr.kernels.patched_rows` after the activations."""
         overlap, d_head, width = self.overlap(), self.arch.d_head, self.clean.width
-        patches: dict[str, list] = {}
+        by_layer: dict[int, dict[str, list]] = {}
         for r, (i, node, index) in enumerate(jobs):
             site = node.removesuffix("_pos")
             where = torch.arange(width) == index[-1] if positional(node) else overlap[i]  # [pos]
             channels = None if site != "head" else torch.arange(self.arch.n_heads * d_head) // d_head == index[1]
-            patches.setdefault(site, []).append((r, i, where, channels))
+            by_layer.setdefault(index[0], {}).setdefault(site, []).append((r, i, where, channels))
         owners = [i for i, *_ in jobs]
-        inputs = self.inputs_of([], owners)
-        return layers.pop(), inputs, torch.tensor(owners), {s: _stack(patches[s]) for s in SITES if s in patches}
+        patches = {layer: {s: _stack(by_layer[layer][s]) for s in SITES if s in by_layer[layer]}
+                   for layer in sorted(by_layer)}
+        return min(by_layer), self.inputs_of([], owners), torch.tensor(owners), patches
 
     def results(self, values: dict[str, torch.Tensor], metrics: torch.Tensor, *, method: str, title: str,
                 units: str, meta: dict | None = None) -> dict[str, Attribution]:

@@ -80,7 +80,7 @@ def over_prompts(attr) -> str:
     n = attr.meta.get("n_prompts")
     if not n:
         return ""
-    aligned = " (positions counted from the last token)" if attr.meta.get("align") == "end" else ""
+    aligned = " (positions counted from the last token)" if attr.meta.get("positions_from") == "end" else ""
     return f"{attr.meta.get('statistic', 'mean')} over {n} prompts{aligned}"
 
 

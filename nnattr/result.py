@@ -130,7 +130,8 @@ class Attribution:
         position ``-3`` is another word in each prompt. Such a mean is refused unless
         ``align="end"``: positions counted back from each prompt's last token (the batch's own
         alignment); each entry then averages the prompts that have that position (`count`), so a
-        mean row of a pattern need not sum to 1. ``meta`` records ``n_prompts`` and ``align``.
+        mean row of a pattern need not sum to 1. ``meta`` records ``n_prompts`` and, when aligned,
+        ``positions_from="end"`` (a recipe's own ``align`` option is kept).
         """
         values = self._over_prompts("mean", align)
         return self._reduced(values.nanmean(0), "mean", align)
@@ -173,7 +174,7 @@ class Attribution:
 
     def _reduced(self, values: torch.Tensor, what: str, align) -> "Attribution":
         dims = self.dims[1:]
-        meta = {**self.meta, "n_prompts": len(self), **({"align": align} if align else {})}
+        meta = {**self.meta, "n_prompts": len(self), **({"positions_from": align} if align else {})}
         if what != "mean":
             meta["statistic"] = what
         return replace(self, values=values, dims=dims, labels={d: self.labels[d] for d in dims}, meta=meta,

@@ -4,14 +4,14 @@ For each clean/corrupted pair and node, the corrupted run is repeated with that 
 activation patched in, and the metric gives the normalised recovery
 ``(patched - corrupted) / (clean - corrupted)`` (0: no effect, 1: all of the clean behaviour;
 Meng et al. 2022, Wang et al. 2022). Node types and result dimensions: see `nnattr.pairs`.
-Give ``candidates`` (an attribution-patching result) to patch only the ``k`` entries of each
-node type it ranks highest (by the magnitude of the mean score over pairs); the rest are NaN.
+Give ``candidates`` (an attribution-patching result) to patch only the ``k`` entries of each node
+type it ranks highest (by the magnitude of the mean score over pairs); the rest are NaN.
 
-Batched, and restarted at each node's layer: one pass over the clean and corrupted prompts
-caches the clean activations and the residual stream; each later forward patches up to ``rows``
-corrupted prompts at one layer ``l``, skipping the layers before it (their output: the cached
-residual), so a node at layer ``l`` of ``L`` costs ``(L - l) / L`` of a forward. All forwards of
-a chunk of pairs run in one session: remotely one request. Wire: one metric per row comes back.
+Batched and restarted at each node's layer: a first pass caches the clean activations and the
+residual stream; each later forward patches up to ``rows`` corrupted prompts, sorted by layer,
+skipping the layers before its lowest one ``l`` (they return the cached residual), so a node at
+layer ``l`` of ``L`` costs about ``(L - l) / L`` of a forward. One session per chunk of pairs:
+one request. Wire: a metric per row.
 
     python recipes/activation_patching.py --clean "..." --corrupted "..." --answer " Mary" --distractor " John"
 """
@@ -51,24 +51,24 @@ def trace(model, p: Pairs, *, forwards: list, remote=False, backend=None) -> lis
                 if "mlp" in sites:
                     clean["mlp"].append(first(layer.mlp_out.output)[:n])
             outs = [value(model.output.logits, torch.arange(n).repeat(2)).cpu()]  # [clean (n), corrupted (n)]
-        for at, inputs, owners, patch in plans:  # a layer; each row: the corrupted prompt of pair owners[row]
+        for at, inputs, owners, patches in plans:  # each row: the corrupted prompt of pair owners[row]
             with torch.no_grad(), model.trace(inputs, **last):
-                start = resid[at][n + owners]  # the corrupted run, entering that layer
-                for i in range(at):  # the layers before it: the corrupted run's, taken from the cache
-                    model.layers[i].skip(start)
-                layer = model.layers[at]
-                if "resid" in patch:
-                    x = layer.input  # [rows, pos, d_model]
-                    x[patch["resid"][0]] = patched_rows(x, resid[at][:n], *patch["resid"])
-                if "head" in patch:
-                    z = layer.attn.o_proj.input  # [rows, pos, head * d_head]
-                    z[patch["head"][0]] = patched_rows(z, clean["head"][at], *patch["head"])
-                if "attn" in patch:
-                    a = first(layer.attn_out.output)
-                    a[patch["attn"][0]] = patched_rows(a, clean["attn"][at], *patch["attn"])
-                if "mlp" in patch:
-                    o = first(layer.mlp_out.output)
-                    o[patch["mlp"][0]] = patched_rows(o, clean["mlp"][at], *patch["mlp"])
+                for i in range(at):  # skipped: each returns the corrupted residual stream entering layer `at`
+                    model.layers[i].skip(resid[at][n + owners])
+                for i, patch in patches.items():  # the layers with patches, from `at` on
+                    layer = model.layers[i]
+                    if "resid" in patch:
+                        x = layer.input  # [rows, pos, d_model]
+                        x[patch["resid"][0]] = patched_rows(x, resid[i][:n], *patch["resid"])
+                    if "head" in patch:
+                        z = layer.attn.o_proj.input  # [rows, pos, head * d_head]
+                        z[patch["head"][0]] = patched_rows(z, clean["head"][i], *patch["head"])
+                    if "attn" in patch:
+                        a = first(layer.attn_out.output)
+                        a[patch["attn"][0]] = patched_rows(a, clean["attn"][i], *patch["attn"])
+                    if "mlp" in patch:
+                        o = first(layer.mlp_out.output)
+                        o[patch["mlp"][0]] = patched_rows(o, clean["mlp"][i], *patch["mlp"])
                 outs.append(value(model.output.logits, owners).cpu())
         outs = nnsight.save(outs)
     return outs
@@ -84,7 +84,7 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
     nodes: node types to patch (default resid attn mlp head, or those of candidates).
     candidates: an attribution-patching result (on the command line: the JSON its --out wrote).
     k: with candidates, the entries patched per node type (default 10).
-    rows: patched rows per forward pass.
+    rows: patched rows per forward pass, sorted by layer (a forward restarts at its lowest layer).
     align: "right" compares pairs of unequal length per position, aligned at the last token.
     """
     if candidates is not None and not isinstance(candidates, Mapping):

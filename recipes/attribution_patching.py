@@ -45,8 +45,8 @@ def trace(model, p: Pairs, *, steps: int, remote=False, backend=None) -> dict:
         value = lambda logits, k: metric(logits).float() if metric else logit_diff(  # noqa: E731 [rows]
             logits, answer.repeat(k), None if other is None else other.repeat(k))
         with torch.no_grad(), model.trace(plain, **last):
-            emb = model.embed.output  # [clean (, corrupted), pos, d_model]
-            base = {site: [] for site in sites}  # [rows, pos, width] per layer, in forward order
+            emb = model.embed.output if steps else None  # IG: [clean, corrupted, pos, d_model]
+            base = {site: [] for site in sites}  # [clean (, corrupted), pos, width] per layer, in forward order
             for layer in model.layers:
                 if "resid" in sites:
                     base["resid"].append(layer.input)
@@ -78,8 +78,8 @@ def trace(model, p: Pairs, *, steps: int, remote=False, backend=None) -> dict:
             out = {"metric": torch.stack([base_metric[:n], corrupted], 1).cpu()}  # [pair, clean / corrupted]
             for site, keep in sites.items():
                 scores = []
-                for clean, act in zip(base[site], acts[site]):
-                    delta = pair_delta(clean[:n], clean[n:] if steps else act, mask)
+                for plain_act, act in zip(base[site], acts[site]):  # the no-grad pass's, then this pass's
+                    delta = pair_delta(plain_act[:n], plain_act[n:] if steps else act, mask)
                     grad = path_gradient(next(grads), steps=steps)
                     s = head_attribution_scores(grad, delta, n_heads=n_heads) if site == "head" else \
                         attribution_scores(grad, delta)  # [pair, (head,) pos]

@@ -398,7 +398,7 @@ def test_mean_std_and_count_over_prompts():
     close(mean.values, torch.tensor([statistics.mean(c) for c in columns]))
     assert math.isnan(std.values[0])  # one prompt has that position: no spread to measure
     close(std.values[1:], torch.tensor([statistics.stdev(c) for c in columns[1:]]))
-    assert mean.meta["align"] == "end" and std.meta["statistic"] == "standard deviation" and count.units == "prompts"
+    assert mean.meta["positions_from"] == "end" and std.meta["statistic"] == "standard deviation" and count.units == "prompts"
     same = Attribution(values, ("prompt", "position"), {"prompt": ["p", "q", "r"], "position": list("wxyz")},
                        tokens=[tuple("abcd")] * 3)  # one length: no alignment needed
     close(same.mean().values, values.mean(0))

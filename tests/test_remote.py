@@ -531,7 +531,7 @@ EDITS = {
     "attribution_patching": [("base", "clean_acts"), ("            values = value(model.output.logits, max(steps, 1))  # [rows]\n",
                                                       "            values = value(model.output.logits, max(steps, 1))  # [rows]\n"
                                                       "            values_seen = nnsight.save(values.detach())\n")],
-    "activation_patching": [("start", "restart"), ("                outs.append(value(model.output.logits, owners).cpu())\n",
+    "activation_patching": [("patches", "patches_by_layer"), ("                outs.append(value(model.output.logits, owners).cpu())\n",
                                                    "                outs.append(value(model.output.logits, owners).cpu())\n"
                                                    "                metric_seen = nnsight.save(outs[-1])\n")],
 }

@@ -1,8 +1,8 @@
 """Attribution patching and activation patching on clean/corrupted pairs (Nanda 2023).
 
-Activations are ``[n, pos, width]`` per pair, the clean and the corrupted prompts' read in
-separate passes (the clean one needs no gradient); integrated gradients add ``steps * n`` rows on
-the path between them (``[step_1 pairs .., step_2 pairs .., ...]``). The first-order estimate
+Activations are ``[n, pos, width]`` per pair, the clean prompts' and the corrupted prompts';
+gradients are taken at the corrupted rows (AtP) or at ``steps * n`` rows on the path between
+them (integrated gradients, ``[step_1 pairs .., step_2 pairs .., ...]``). The first-order estimate
 of patching node ``a``, taken from the clean run, into the corrupted run is
 
     score(a) = grad_a m(corrupted) . (a_clean - a_corrupted)                (AtP)
