@@ -22,7 +22,7 @@ from typing import Callable, Literal
 import torch
 
 from .batch import Batch
-from .kernels import topk_flat
+from .kernels import overlap_mask, topk_flat
 from .result import Attribution
 
 Node = Literal["resid", "attn", "attn_pos", "mlp", "mlp_pos", "head", "head_pos"]
@@ -52,9 +52,9 @@ class Pairs:
     def arch(self):
         return self.clean.arch
 
-    def inputs(self, copies: int = 1) -> dict[str, torch.Tensor]:
-        """Rows ``[clean (n), corrupted (n) x copies]``, left-padded to the common width."""
-        return self.inputs_of(range(len(self)), list(range(len(self))) * copies)
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """Rows ``[clean (n), corrupted (n)]``, left-padded to the common width."""
+        return self.inputs_of(range(len(self)), range(len(self)))
 
     def inputs_of(self, clean, corrupted) -> dict[str, torch.Tensor]:
         """Rows: the clean prompts of pairs ``clean``, then the corrupted prompts of pairs ``corrupted``."""
@@ -63,9 +63,7 @@ class Pairs:
 
     def overlap(self) -> torch.Tensor:
         """``[pair, position]`` bool: the positions both prompts have, aligned at the last token."""
-        both = torch.tensor([min(a, b) for a, b in zip(self.clean.lengths, self.corrupted.lengths)])
-        width = self.clean.width
-        return torch.arange(width)[None, :] >= (width - both)[:, None]
+        return overlap_mask(torch.tensor(self.clean.lengths), torch.tensor(self.corrupted.lengths), self.clean.width)
 
     def shape(self, node: str) -> tuple[int, ...]:
         """``(layer, (head,) (position))``: the nodes of a node type in one pair, over the common width."""
