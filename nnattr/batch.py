@@ -10,7 +10,7 @@ the ``with``: a `Batch` is a client-side object and never travels to NDIF.
 >>> model = nnattr.load("tiny-ioi")
 >>> batch = Batch.of(model, ["When Mary and John went to the store , John gave a drink to"], " Mary")
 >>> batch.lengths, batch.tokens[0][:3], batch.target
-((15,), ('<bos>', 'When', ' Mary'), (41,))
+((15,), ('<bos>', 'When', 'Mary'), (41,))
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class Batch:
     pad_id: int
     width: int
     tokenizer: Any = field(repr=False, compare=False, default=None)
+    read: tuple[int, ...] | None = None  # each prompt's read position (`at`), from its first token; None: the last
 
     @classmethod
     def of(cls, model, prompts: Prompts, target: Token | Sequence[Token] | None = None,
@@ -96,7 +97,60 @@ class Batch:
             raise TypeError(f"a Batch is sliced into chunks (batch[2:4]), not indexed with {index!r}")
         pick = lambda xs: None if xs is None else xs[index]  # noqa: E731
         return replace(self, ids=self.ids[index], tokens=self.tokens[index], labels=self.labels[index],
-                       target=pick(self.target), distractor=pick(self.distractor))
+                       target=pick(self.target), distractor=pick(self.distractor), read=pick(self.read))
+
+    def at(self, position: int | Sequence[int] | None) -> "Batch":
+        """The batch read at ``position``: the token whose output a recipe reads, for each prompt.
+
+        An int is shared by every prompt, a sequence gives one per prompt. ``0`` is a prompt's
+        first token (special tokens count), negative counts from its end: ``-1`` (or None) is the
+        last token, the default of every recipe.
+
+        >>> batch.at(-3).positions, batch.at(2).read_tokens                # doctest: +SKIP
+        ((12,), (' Mary',))
+        """
+        if position is None:
+            return replace(self, read=None)
+        if hasattr(position, "tolist"):  # a tensor or array
+            position = position.tolist()
+        many = isinstance(position, Sequence) and not isinstance(position, (str, bytes))
+        given = list(position) if many else [position] * len(self)
+        if isinstance(position, (str, bytes)) or len(given) != len(self):
+            raise ValueError(f"position={position!r}: give one int for every prompt, or a list of {len(self)} ints")
+        read = []
+        for i, (p, n) in enumerate(zip(given, self.lengths)):
+            if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not -n <= p < n:
+                raise ValueError(f"position {p!r} for prompt {i}, which has {n} tokens: give an int from {-n} "
+                                 f"(its first token) to {n - 1}, or -1 for its last token")
+            read.append(int(p) % n)
+        return replace(self, read=tuple(read))
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """Each prompt's read position, counted from its first token (its last token by default)."""
+        return tuple(n - 1 for n in self.lengths) if self.read is None else self.read
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """``[batch]``: each prompt's read position as a column of ``inputs`` (left-padded to ``width``)."""
+        return torch.tensor([self.width - n + p for n, p in zip(self.lengths, self.positions)])
+
+    @property
+    def read_at(self) -> int | list[int] | None:
+        """The read positions in short, for a result's ``meta``: None (each prompt's last token),
+        one int when every prompt is read at the same place (from its start, or from its end), or
+        the list of positions."""
+        if self.read is None:
+            return None
+        from_end = {p - n for p, n in zip(self.read, self.lengths)}
+        if from_end == {-1}:
+            return None
+        return self.read[0] if len(set(self.read)) == 1 else from_end.pop() if len(from_end) == 1 else list(self.read)
+
+    @property
+    def read_tokens(self) -> tuple[str, ...]:
+        """The token at each prompt's read position."""
+        return tuple(tokens[p] for tokens, p in zip(self.tokens, self.positions))
 
     @property
     def inputs(self) -> dict[str, torch.Tensor]:

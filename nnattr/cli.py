@@ -168,6 +168,12 @@ def _option(hint) -> dict | None:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:  # X | None
         hint, args = args[0], list(typing.get_args(args[0]))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and int in args:
+        words = [w for a in args if typing.get_origin(a) is typing.Literal for w in typing.get_args(a)]
+        if any(typing.get_origin(a) in (list, tuple, collections.abc.Sequence) for a in args):
+            return {"type": int, "nargs": "+", "metavar": "N", "action": _OneOrMany}  # one, or one per prompt
+        if words:  # int | Literal["all"]
+            return {"type": _int_or(words), "metavar": "N|" + "|".join(words)}
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         return {"choices": list(args), "type": type(args[0])}
@@ -184,6 +190,26 @@ def _option(hint) -> dict | None:
     if hint is float:
         return {"type": float, "metavar": "X"}
     return None
+
+
+class _OneOrMany(argparse.Action):
+    """``--position 5`` gives the int 5 (shared by every prompt), ``--position 5 7`` a list (one each)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else values)
+
+
+def _int_or(words: list[str]):
+    """An argparse type: an int, or one of ``words``."""
+    def parse(text: str):
+        if text in words:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int or one of {words}, got {text!r}") from None
+    parse.__name__ = "int or " + " or ".join(words)
+    return parse
 
 
 def _results_file(text: str):

@@ -50,6 +50,8 @@ def plot(attr, ax=None, **kw) -> Figure:
         return _lens(a, ax, **kw)
     if dims == ("layer", "head"):
         return _heatmap(a, ax, signed=True, **kw)
+    if dims == ("component",) and (a.by == "all" or len(a.labels["component"]) > 40):
+        return _ranked(a, ax, **kw)
     if dims in (("component",), ("layer",)):
         return _bars(a, ax, **kw)
     if dims == ("query", "key"):
@@ -71,8 +73,21 @@ def plot(attr, ax=None, **kw) -> Figure:
 
 def describe(attr) -> tuple[str, str]:
     """``(title, unit)`` of a result: its title, then the metric and how prompts were combined."""
-    details = ([f"metric: {attr.metric}"] if attr.metric else []) + ([over_prompts(attr)] if over_prompts(attr) else [])
+    details = [f"metric: {attr.metric}"] if attr.metric else []
+    details += [text for text in (read_at(attr), over_prompts(attr)) if text]
     return attr.title + ("\n" + " · ".join(details) if details else ""), attr.units
+
+
+def read_at(attr) -> str:
+    """Where the logit was read, in words, when it is not each prompt's last token ("" when it is)."""
+    read = attr.meta.get("read_at")
+    if read is None:
+        return ""
+    if isinstance(attr.meta.get("position"), int) and "read_token" in attr.meta:  # one prompt
+        return f"read at token {attr.meta['position']} {attr.meta['read_token']!r}"
+    if isinstance(read, int):
+        return f"read at token {read}" + (" (from the end)" if read < 0 else "")
+    return "read at one position per prompt"
 
 
 def over_prompts(attr) -> str:
@@ -218,6 +233,37 @@ def _bars(a, ax, *, title=None, annotate=None, **_) -> Figure:
     _title(ax, title or text)
     ax.set_ylabel(unit, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _ranked(a, ax, *, title=None, top=None, **_) -> Figure:
+    """The ``top`` largest contributors (default 20) as a ranked list of horizontal bars, largest
+    first, then one bar for everything else, so the bars still add up to the whole."""
+    values, labels = _np(a.values), a.labels[a.dims[0]]
+    order = np.argsort(-np.abs(np.nan_to_num(values)), kind="stable")[: top or 20]
+    rest = np.delete(values, order)
+    shown = [labels[i] for i in order] + ([f"the other {rest.size}"] if rest.size else [])
+    bars = np.append(values[order], np.nansum(rest)) if rest.size else values[order]
+    fig, ax = _figure(ax, 6.5, 1.2 + 0.26 * len(bars))
+    cm, norm = colormaps[DIVERGING], _signed_norm(bars)
+    fill = [cm(0.5 + 0.5 * max(0.35, abs(norm(v) - 0.5) * 2) * (1 if v >= 0 else -1)) for v in bars]
+    if rest.size:
+        fill[-1] = "0.75"
+    ax.barh(range(len(bars)), bars, color=fill, edgecolor="0.3", linewidth=0.5)
+    ax.axvline(0, color="0.2", linewidth=0.8)
+    ax.set_yticks(range(len(bars)), shown, fontsize=8)
+    ax.invert_yaxis()  # the largest on top
+    fmt = _fmt(bars)
+    for i, v in enumerate(bars):
+        ax.annotate(fmt.format(v), (v, i), xytext=(3 if v >= 0 else -3, 0), textcoords="offset points",
+                    ha="left" if v >= 0 else "right", va="center", fontsize=7)
+    ax.margins(x=0.15)
+    text, unit = describe(a)
+    if a.method == "direct_logit_attribution":
+        text += f"\nsum of all {values.size} = {float(np.nansum(values)):+.3f}"
+    _title(ax, title or text)
+    ax.set_xlabel(unit, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
     return fig
 
 

@@ -174,7 +174,8 @@ class Attribution:
 
     def _reduced(self, values: torch.Tensor, what: str, align) -> "Attribution":
         dims = self.dims[1:]
-        meta = {**self.meta, "n_prompts": len(self), **({"positions_from": align} if align else {})}
+        aligned = align and any(d in POSITION_DIMS for d in dims)  # only where positions are there to align
+        meta = {**self.meta, "n_prompts": len(self), **({"positions_from": align} if aligned else {})}
         if what != "mean":
             meta["statistic"] = what
         return replace(self, values=values, dims=dims, labels={d: self.labels[d] for d in dims}, meta=meta,

@@ -4,8 +4,9 @@ Each residual goes through the model's own final norm and unembedding (and Gemma
 soft-cap), so the norm's scale is that residual's own, not the last layer's. Row ``embed`` is
 the residual entering layer 0; the last row equals the model's output exactly. A value is the
 probability of the *expected* token: the next prompt token, and at the last position
-``target`` (default: the model's own top prediction). ``per_prompt`` holds each cell's top-k
-tokens and probabilities and the expected token's rank.
+``target`` (default: the model's own top prediction). ``position`` decodes one position per
+prompt instead of all (``target`` is then expected there). ``per_prompt`` holds each cell's
+top-k tokens and probabilities and the expected token's rank.
 
 Wire: each layer's logits are reduced on the server to top-k ids and probabilities and one
 probability and rank per position, so a few KB come back whatever the vocabulary.
@@ -15,33 +16,33 @@ probability and rank per position, so a few KB come back whatever the vocabulary
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import nnsight
 import torch
 
 from nnattr import runner
 from nnattr.batch import Batch
-from nnattr.kernels import first, lens_summary, softcap  # kernels by name: they travel to NDIF
+from nnattr.kernels import first, lens_summary, read_at, softcap  # kernels by name: they travel to NDIF
 from nnattr.result import Attribution
 
 TITLE, UNITS = "Logit lens", "probability of the expected token"
 
 
 def trace(model, batch: Batch, *, positions: str, k: int, remote=False, backend=None) -> dict:
-    """One forward; every layer's residual decoded at the last position or at all of them."""
-    cap, target = batch.arch.logit_softcap, batch.answer("target")
+    """One forward; every layer's residual decoded at the read position (the last) or at all of them."""
+    cap, at, one = batch.arch.logit_softcap, batch.columns, positions == "last"
     expected = batch.inputs["input_ids"].roll(-1, dims=1)  # [batch, pos]: each position's next token
+    default = torch.where(at == batch.width - 1, -1, read_at(expected, at))  # -1: the model's top prediction
+    target = default if batch.target is None else batch.answer("target")  # expected at the read position
     with torch.no_grad(), model.trace(batch.inputs, remote=remote, backend=backend):
         states = [model.layers[0].input] + [first(layer.output) for layer in model.layers]
-        final = model.output.logits[:, -1].float()  # [batch, vocab]
-        answer = final.argmax(-1) if target is None else target.to(final.device)
-        want = torch.cat([expected[:, :-1].to(final.device), answer[:, None]], dim=1)  # [batch, pos]
-        if positions == "last":
-            want = want[:, -1:]
+        final = read_at(model.output.logits, at).float()  # [batch, vocab]
+        answer = torch.where(target.to(final.device) < 0, final.argmax(-1), target.to(final.device))
+        want = answer[:, None] if one else torch.cat([expected[:, :-1].to(final.device), answer[:, None]], 1)
         cells = []
         for h in states:  # [batch, pos, d_model]; reduced at once: no [layer, pos, vocab] lives on
-            h = h[:, -want.shape[1]:]
+            h = read_at(h, at)[:, None] if one else h
             logits = softcap(model.lm_head(model.ln_f(h)).float(), cap)  # [batch, pos, vocab]
             cells.append(lens_summary(logits.flatten(0, 1)[None], want.flatten(), k=k))
         cell = {key: torch.cat([c[key] for c in cells]).unflatten(1, want.shape) for key in cells[0]}
@@ -55,15 +56,18 @@ def trace(model, batch: Batch, *, positions: str, k: int, remote=False, backend=
     return out
 
 
-def run(model, prompts, target=None, *, positions: Literal["all", "last"] = "all", k: int = 5,
-        batch_size: int | None = None, remote=False, backend=None) -> Attribution:
-    """Logit lens: ``[prompt, layer, position]`` (``positions="last"``: ``[prompt, layer]``).
+def run(model, prompts, target=None, *, positions: Literal["all", "last"] = "all",
+        position: int | Sequence[int] | None = None, k: int = 5, batch_size: int | None = None, remote=False,
+        backend=None) -> Attribution:
+    """Logit lens: ``[prompt, layer, position]`` (one position: ``[prompt, layer]``).
 
-    target: the token expected at the last position (default: the model's top prediction).
+    target: the token expected at the last (or read) position (default: the model's top prediction).
     positions: decode every position ("all") or the last one only ("last").
+    position: decode only this one: -1 the last, 0 the first; one per prompt, or one for all.
     k: top tokens kept per cell.
     """
-    batch = Batch.of(model, prompts, target)
+    positions = "last" if position is not None else positions
+    batch = Batch.of(model, prompts, target).at(position)
     if positions not in ("all", "last") or not 1 <= k <= batch.arch.d_vocab:
         raise ValueError(f"positions={positions!r}, k={k}: expected 'all' or 'last', and 1 <= k <= the vocabulary")
     out = runner.run(trace, model, batch, positions=positions, k=k, batch_size=batch_size, remote=remote,
@@ -79,9 +83,10 @@ def run(model, prompts, target=None, *, positions: Literal["all", "last"] = "all
     top = [[[batch.decode(cell) for cell in row] for row in prompt] for prompt in own(out["top_id"])]
     return Attribution(
         values, dims, labels, method="logit_lens", title=TITLE, units=UNITS, metric="P(expected token)",
-        meta={"positions": positions, "k": k}, tokens=batch.tokens,
+        meta={"positions": positions, "k": k, "read_at": batch.read_at}, tokens=batch.tokens,
         per_prompt={"target": batch.decode(out["target"]), "top_tokens": top, "top_probs": own(out["top_prob"]),
-                    "target_rank": own(out["rank"])},
+                    "target_rank": own(out["rank"]), "position": list(batch.positions),
+                    "read_token": list(batch.read_tokens)},
     )
 
 

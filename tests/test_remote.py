@@ -99,6 +99,11 @@ def _flat(x):
 RECIPES = {
     **{f"dla-{by}": (direct_logit_attribution, dict(by=by)) for by in ("component", "layer", "head", "head_position")},
     "dla-pair": (direct_logit_attribution, dict(target=TARGETS, distractor=DISTRACTORS, by="head")),
+    "dla-all-at": (direct_logit_attribution,
+                   dict(target=TARGETS, distractor=DISTRACTORS, by="all", position=[2, -3, 0])),
+    "dla-sources-at": (direct_logit_attribution, dict(by="head_position", position=-2)),
+    "heads-at": (head_attribution, dict(by="head_position", target=TARGETS, position=[1, 4, -2])),
+    "lens-at": (logit_lens, dict(position=[2, -3, 0], k=3)),
     **{f"heads-{by}": (head_attribution, dict(by=by, target=TARGETS, distractor=DISTRACTORS))
        for by in ("head", "head_position")},
     "lens-last": (logit_lens, dict(target=TARGETS)),
@@ -506,7 +511,8 @@ def test_zz_server_hit_no_internal_errors(ndif):
 CORRUPTED = [" ".join(p.split()[:-2] + ["w1", p.split()[-1]]) for p in PROMPTS]  # one word changed, same length
 COPY_ARGS = {
     "logit_lens": dict(args=(PROMPTS,), kwargs=dict(positions="all", k=3)),
-    "direct_logit_attribution": dict(args=(PROMPTS, TARGETS, DISTRACTORS), kwargs=dict(by="head_position")),
+    "direct_logit_attribution": dict(args=(PROMPTS, TARGETS, DISTRACTORS),
+                                     kwargs=dict(by="head_position", position=-2)),
     "head_attribution": dict(args=(PROMPTS, TARGETS, DISTRACTORS), kwargs={}),
     "attention_rollout": dict(args=(PROMPTS,), kwargs=dict(view="value_weighted")),
     "attention_views": dict(args=(PROMPTS,), kwargs=dict(view="norm_based", layers=[0, 1], heads=[2])),
@@ -515,8 +521,8 @@ COPY_ARGS = {
 }
 # What a user changes in a copy of the trace: a variable renamed, and an extra value saved.
 EDITS = {
-    "logit_lens": [("cells", "per_layer"), ("        final = model.output.logits[:, -1].float()  # [batch, vocab]\n",
-                                             "        final = model.output.logits[:, -1].float()  # [batch, vocab]\n"
+    "logit_lens": [("cells", "per_layer"), ("        final = read_at(model.output.logits, at).float()  # [batch, vocab]\n",
+                                             "        final = read_at(model.output.logits, at).float()  # [batch, vocab]\n"
                                              "        final_seen = nnsight.save(final)\n")],
     "direct_logit_attribution": [("writes", "residual_writes"), ("        scale = norm_scale(", "        scale_seen = "
                                                                  "nnsight.save(model.ln_f.weight)\n        scale = norm_scale(")],
@@ -582,8 +588,9 @@ def test_a_kernel_called_through_its_module_is_refused_before_sending(ndif, tmp_
     from pathlib import Path
 
     source = (Path(__file__).resolve().parents[1] / "recipes" / "head_attribution.py").read_text()
-    edited = source.replace("from nnattr.kernels import gradients, split_heads",
-                            "from nnattr import kernels\nfrom nnattr.kernels import gradients, split_heads")
+    edited = source.replace("from nnattr.kernels import gradients, read_at, split_heads",
+                            "from nnattr import kernels\nfrom nnattr.kernels import gradients, read_at, split_heads")
+    assert "from nnattr import kernels" in edited and "kernels.split_heads(" not in source
     edited = edited.replace("scores = torch.stack([split_heads(", "scores = torch.stack([kernels.split_heads(")
     path = tmp_path / "through_the_module.py"
     path.write_text(edited)

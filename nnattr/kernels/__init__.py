@@ -33,7 +33,7 @@ from .dla import (
     norm_scale,
     residual_direction,
 )
-from .heads import expand_kv, first, o_proj_per_head, split_heads, split_values
+from .heads import expand_kv, first, o_proj_per_head, read_at, split_heads, split_values
 from .lens import inverse_softcap, lens_summary, softcap, topk_flat
 from .patching import (
     attribution_scores,

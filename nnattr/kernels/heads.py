@@ -20,6 +20,21 @@ def first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def read_at(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Each row's entry at its own position: ``x[i, columns[i]]``, ``[batch, pos, ...] -> [batch, ...]``.
+
+    ``columns: [batch]`` indexes the padded positions (`nnattr.batch.Batch.columns`). A batch
+    dimension of 1 (GPT-2's position embedding when no row is padded) is broadcast to every row.
+
+    >>> read_at(torch.arange(6).view(2, 3), torch.tensor([2, 0]))
+    tensor([2, 3])
+    """
+    if columns.ndim != 1 or x.shape[0] not in (1, columns.shape[0]):
+        raise ValueError(f"x {tuple(x.shape)} and columns {tuple(columns.shape)} are not [batch, pos, ...], [batch]")
+    columns = columns.to(x.device)
+    return x.expand(columns.shape[0], *x.shape[1:])[torch.arange(columns.shape[0], device=x.device), columns]
+
+
 def split_heads(z: torch.Tensor, *, n_heads: int) -> torch.Tensor:
     """``[..., head * d_head] -> [..., head, d_head]`` (the input of the output projection)."""
     if z.shape[-1] % n_heads:
