@@ -28,6 +28,7 @@ import nnattr
 from nnattr import remote
 from nnattr.kernels import first
 from nnattr.recipes import attention_rollout, attention_views, direct_logit_attribution, head_attribution, logit_lens
+from nnattr.recipes import attention_summary
 try:
     from tests.support import fixtures, ndif_loopback, tiny
 except ModuleNotFoundError:  # plain `pytest` without `pythonpath = ["."]`
@@ -111,6 +112,8 @@ RECIPES = {
     **{f"rollout-{view}": (attention_rollout, dict(view=view)) for view in ("rollout", "value_weighted", "flow")},
     **{f"views-{view}": (attention_views, dict(view=view, layers=[-1], heads=[1, 3]))
        for view in ("patterns", "value_weighted", "norm_based", "flow")},
+    "summary-last": (attention_summary, {}),
+    "summary-all": (attention_summary, dict(layer_idx="all", residual=0.3)),
 }
 
 
@@ -516,6 +519,7 @@ COPY_ARGS = {
     "head_attribution": dict(args=(PROMPTS, TARGETS, DISTRACTORS), kwargs={}),
     "attention_rollout": dict(args=(PROMPTS,), kwargs=dict(view="value_weighted")),
     "attention_views": dict(args=(PROMPTS,), kwargs=dict(view="norm_based", layers=[0, 1], heads=[2])),
+    "attention_summary": dict(args=(PROMPTS,), kwargs=dict(layer_idx="all")),
     "attribution_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS), kwargs=dict(method="ig", steps=2)),
     "activation_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS), kwargs=dict(nodes=("attn", "head"), rows=4)),
 }
@@ -534,6 +538,10 @@ EDITS = {
     "attention_views": [("wanted", "kept_heads"), ("            pattern = layer.attn.output[1]  # [batch, head, query, key]\n",
                                              "            pattern = layer.attn.output[1]  # [batch, head, query, key]\n"
                                              "            raw_seen = nnsight.save(pattern)\n")],
+    "attention_summary": [("state", "running"),
+                          ("            pattern = model.layers[i].attn.output[1]  # [batch, head, query, key]\n",
+                           "            pattern = model.layers[i].attn.output[1]  # [batch, head, query, key]\n"
+                           "            pattern_seen = nnsight.save(pattern)\n")],
     "attribution_patching": [("base", "clean_acts"), ("            values = value(model.output.logits, max(steps, 1))  # [rows]\n",
                                                       "            values = value(model.output.logits, max(steps, 1))  # [rows]\n"
                                                       "            values_seen = nnsight.save(values.detach())\n")],

@@ -7,14 +7,19 @@ installed: recipes ship this package by value with ``nnsight.register``).
 
 Most kernels are what the recipes call inside their traces. Some are library functions no recipe
 calls yet, for tensors you saved yourself: ``attention_flow`` and ``rollout`` (every layer's
-patterns stacked), ``norm_based_layer`` (Kobayashi et al. 2020, all heads together), and the row
-metrics ``attention_entropy``, ``attention_concentration``, ``rollout_entropy``, ``rollout_max``.
+patterns stacked) and ``norm_based_layer`` (Kobayashi et al. 2020, all heads together). The row
+metrics ``attention_entropy``, ``attention_concentration``, ``rollout_entropy``, ``rollout_max``
+work on any saved pattern; ``attention_summary`` averages them (and the mean and largest weight)
+over each prompt's real positions, in the order of ``SUMMARY_FIELDS``, and the
+``attention_summary`` recipe calls it on the server, one layer at a time.
 """
 
 from .attention import (
+    SUMMARY_FIELDS,
     attention_concentration,
     attention_entropy,
     attention_flow,
+    attention_summary,
     flow_step,
     norm_based,
     norm_based_layer,

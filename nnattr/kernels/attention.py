@@ -389,3 +389,62 @@ def rollout_max(rollout_matrix: torch.Tensor) -> torch.Tensor:
     """
     _dims(rollout_matrix, "rollout_matrix", "batch query key")
     return attention_concentration(rollout_matrix)
+
+
+#: The order of :func:`attention_summary`'s last axis (the fields of the ICLRMetrics seed's
+#: ``compute_attention_attribution``, less ``batch_size`` and ``seq_length``).
+SUMMARY_FIELDS = ("mean_attention", "max_attention", "attention_entropy", "attention_concentration",
+                  "rollout_max", "rollout_entropy")
+
+
+def attention_summary(
+    pattern: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One layer's attention in six numbers per prompt, in the order of ``SUMMARY_FIELDS``.
+
+    With ``A = pattern`` (softmax probabilities), ``R = state`` (the rollout up to and including
+    this layer, from :func:`rollout_step`), ``Q`` a prompt's real queries, ``K`` its real keys
+    and ``H`` the heads, per prompt:
+
+    - ``mean_attention`` = Σ_{h,q∈Q,k∈K} A_{h,q,k} / (H |Q| |K|). Rows summing to 1 over real
+      keys make it 1/n for an n-token prompt: kept for parity with the seed, and as a check that
+      no mass leaks onto padding (it is smaller if some does).
+    - ``max_attention`` = max_{h,q∈Q,k∈K} A_{h,q,k}. On a causal LM query 0 sees only itself, so
+      this is 1.0 there; it is informative for encoders (or generation-step queries).
+    - ``attention_entropy`` = mean_{h,q∈Q} −Σ_k p_{h,q,k} ln p_{h,q,k} (nats, 0 · ln 0 = 0), p the
+      row renormalised over real keys (:func:`attention_entropy`).
+    - ``attention_concentration`` = mean_{h,q∈Q} max_k p_{h,q,k} (:func:`attention_concentration`).
+    - ``rollout_max``, ``rollout_entropy``: mean_{q∈Q} of R's row max and row entropy.
+
+    Means run over real positions only, so a left-padded batch gives what each prompt gives alone;
+    padded rows (even NaN ones, from a fully masked softmax) never reach a result. A query is the
+    token at the same position among the last ``query`` keys, as everywhere in this module.
+
+    Shapes: ``pattern: [batch, head, query, key]``; ``state: [batch, query, key]``;
+    ``key_mask: [batch, key]`` (bool, True = real token). Returns ``[batch, 6]``, float32.
+
+    >>> A = torch.full((1, 2, 4, 4), 0.25)  # [batch, head, query, key]: uniform over 4 keys
+    >>> attention_summary(A, rollout_step(None, A, residual=0.0))  # 1/4, 1/4, ln 4, 1/4, 1/4, ln 4
+    tensor([[0.2500, 0.2500, 1.3863, 0.2500, 0.2500, 1.3863]])
+    """
+    batch, _, query, key = _dims(pattern, "pattern", "batch head query key")
+    _check_mask(key_mask, batch, key, f"pattern {tuple(pattern.shape)}")
+    if tuple(state.shape) != (batch, query, key):
+        raise ValueError(f"state {tuple(state.shape)} must be [batch, query, key] = {[batch, query, key]} "
+                         f"to match pattern {tuple(pattern.shape)}")
+    dtype = _dtype(pattern, state)
+    with _no_autocast(pattern):
+        real = torch.ones(batch, key, dtype=torch.bool, device=pattern.device) if key_mask is None else key_mask
+        queries = real[:, key - query :].to(dtype)  # [batch, query]
+        n_q, n_k = queries.sum(-1).clamp(min=1), real.sum(-1).clamp(min=1)  # [batch]; 1 for no real token (0 out)
+        a = _mask_(pattern.to(dtype, copy=True), real)  # [batch, head, query, key]; padding 0, NaN gone
+        rollout_rows = _mask_(state.to(dtype, copy=True), real)  # [batch, query, key]
+        rows = torch.stack([  # [batch, 4, query]; heads averaged first: they share the real queries
+            attention_entropy(a).mean(1), attention_concentration(a).mean(1),
+            rollout_max(rollout_rows), rollout_entropy(rollout_rows),
+        ], dim=1)
+        whole = torch.stack([a.sum((1, 2, 3)) / (pattern.shape[1] * n_q * n_k), a.amax((1, 2, 3))], dim=-1)
+        return torch.cat([whole, (rows * queries[:, None]).sum(-1) / n_q[:, None]], dim=-1)  # [batch, field]
