@@ -20,7 +20,7 @@ from tests.support import tiny
 SHARPEN = 10.0  # x10 on every matrix: attention far from uniform, so the fields tell heads apart
 TOL = dict(atol=1e-5, rtol=0.0)  # float32 recipe vs float64-from-float32 loops
 PROMPTS = tiny.prompts(3)  # 5, 7 and 4 tokens: a left-padded batch
-ARCHS = ["gpt2", "llama", "gemma2"]  # Conv1D + LayerNorm; GQA + RMSNorm; GQA, soft-capped, sliding window
+ARCHS = tiny.ARCHS  # every family: Conv1D + LayerNorm, fused NeoX, GQA + RMSNorm, soft-capped sliding windows, ...
 SEED_KEYS = [*SUMMARY_FIELDS, "batch_size", "seq_length"]
 
 
