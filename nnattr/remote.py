@@ -1,11 +1,13 @@
-"""Recipes on NDIF: preflight checks, errors that name the fix, and non-blocking jobs.
+"""Recipes on NDIF: preflight checks, errors that name the fix, bounded waits and non-blocking jobs.
 
 Every recipe takes ``remote=`` and ``backend=`` and runs its traces through
 `nnattr.runner`, which calls `prepare` once before the first request, sends each block through
 nnattr's own backend (`backend_for`: the block is checked before it is sent, `check_block`) and
 wraps each request in `errors`. So a missing API key, a model NDIF does not host or a server that refuses
-gradients is reported as a sentence, before anything is sent where that is possible. See
-docs/remote.md.
+gradients is reported as a sentence, before anything is sent where that is possible. Every wait
+on the server is bounded (`Timeouts`: connect, subscribe, upload, status, job, download; change
+them with `timeouts` or ``NNATTR_NDIF_TIMEOUT_*``), and one that runs out is an `NDIFError`
+naming the wait, how long it was and how to raise it. See docs/remote.md.
 
 >>> import nnattr, nnattr.remote
 >>> from nnattr.recipes import direct_logit_attribution as dla
@@ -15,22 +17,29 @@ docs/remote.md.
 >>> job.status()                                                                     # doctest: +SKIP
 'QUEUED'
 >>> job.result(timeout=600).top(5)                                                   # doctest: +SKIP
+>>> with nnattr.remote.timeouts(job=7200):                     # a long queue: wait up to 2 hours
+...     result = dla.run(model, "The Eiffel Tower is in", " Paris", remote=True)     # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import json
+import math
 import os
 import re
 import time
+import types
 import warnings
 from typing import Any, Callable, Iterator
 
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
 
-__all__ = ["NDIFError", "NDIFVersionWarning", "Job", "SERVER_IMPORTS", "add_cli_arguments", "backend_for",
-           "check_block", "errors", "is_remote", "prepare", "remote_kwargs", "submit", "translate"]
+__all__ = ["NDIFError", "NDIFVersionWarning", "Job", "SERVER_IMPORTS", "Timeouts", "add_cli_arguments",
+           "backend_for", "check_block", "current_timeouts", "errors", "is_remote", "prepare", "remote_kwargs",
+           "submit", "timeouts", "translate"]
 
 DEFAULT_HOST = "https://api.ndif.us"
 KEYS_URL = "https://login.ndif.us"
@@ -45,7 +54,10 @@ class NDIFError(RuntimeError):
     ``kind`` names the failure (``"api_key"``, ``"unreachable"``, ``"not_hosted"``, ``"gradients"``,
     ``"frozen"``, ``"oom"``, ``"timeout"``, ``"module_missing"``, ``"whitelist"``,
     ``"architecture"``, ``"old_client"``, ``"expired"``, ``"dropped"``, ``"pending"``,
-    ``"server_code"``, ...); ``server_message`` is the server's own text, API key removed.
+    ``"server_code"``, ...); a wait of this client that ran out is ``"<wait>_timeout"``
+    (``"connect_timeout"``, ``"subscribe_timeout"``, ``"upload_timeout"``, ``"status_timeout"``,
+    ``"job_timeout"``, ``"download_timeout"``: see `Timeouts`), while ``"timeout"`` is the server's
+    own execution limit. ``server_message`` is the server's own text, API key removed.
     """
 
     def __init__(self, message: str, *, kind: str, server_message: str | None = None) -> None:
@@ -54,16 +66,151 @@ class NDIFError(RuntimeError):
 
 
 class NDIFVersionWarning(UserWarning):
-    """nnsight, transformers or torch differ between this machine and the NDIF server."""
+    """nnsight, transformers or torch differ between this machine and the NDIF server, or the
+    server's versions could not be read to compare them."""
 
 
 class Deferred(Exception):
     """Internal to `submit`: a trace was queued as a non-blocking job instead of run."""
 
 
+# ----------------------------------------------------------------------------- timeouts
+
+#: ``NNATTR_NDIF_TIMEOUT_<WAIT>`` (e.g. ``NNATTR_NDIF_TIMEOUT_JOB=7200``) sets a wait's default, in seconds.
+ENV_PREFIX = "NNATTR_NDIF_TIMEOUT_"
+#: The job wait when the server reports no execution limit, and what is added to one it reports.
+JOB_DEFAULT, JOB_ALLOWANCE = 3600.0, 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    """How many seconds a remote run waits on NDIF at each step; past one, `NDIFError` with
+    ``kind="<wait>_timeout"`` names the wait and how to raise it (docs/remote.md, "Timeouts").
+
+    connect:   opening an HTTP connection to the host (TCP and TLS): the preflight, the upload,
+               a download, a non-blocking job's status.
+    subscribe: the ``/subscribe`` websocket: its connection, its upgrade and the session id it
+               sends first.
+    upload:    ``POST /request``: the server's answer (RECEIVED) once the block is sent.
+    status:    the preflight's reads (``/status``, ``/env``) and a non-blocking job's status.
+    job:       from RECEIVED to the result: the queue, the run and the status stream, shown as it
+               goes. None: the execution limit the server reports for the model (``/status``)
+               plus `JOB_ALLOWANCE` for the queue, or `JOB_DEFAULT` when it reports none.
+    download:  a result sent as a link: the longest the download may stall.
+
+    The waits in force are `current_timeouts`: these defaults, then ``NNATTR_NDIF_TIMEOUT_*``,
+    then the innermost ``with timeouts(...)``.
+    """
+
+    connect: float = 10.0
+    subscribe: float = 30.0
+    upload: float = 120.0
+    status: float = 30.0
+    job: float | None = None
+    download: float = 600.0
+
+    def __post_init__(self) -> None:
+        for wait, seconds in dataclasses.asdict(self).items():
+            if seconds is None and wait == "job":
+                continue
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+                raise ValueError(f"timeout {wait}={seconds!r}: give a positive number of seconds"
+                                 + (" (or None: the server's execution limit)" if wait == "job" else ""))
+
+
+WAITS = tuple(field.name for field in dataclasses.fields(Timeouts))
+_SET: contextvars.ContextVar[dict] = contextvars.ContextVar("nnattr_ndif_timeouts", default={})
+
+
+def current_timeouts() -> Timeouts:
+    """The waits in force here: `Timeouts`' defaults, then each ``NNATTR_NDIF_TIMEOUT_<WAIT>``
+    environment variable that is set, then the innermost `timeouts` block (read at each request)."""
+    seconds: dict[str, Any] = {}
+    for wait in WAITS:
+        text = os.environ.get(ENV_PREFIX + wait.upper(), "").strip()
+        if text:
+            try:
+                seconds[wait] = float(text)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{wait.upper()}={text!r}: give a number of seconds") from None
+    try:
+        return Timeouts(**{**seconds, **_SET.get()})
+    except ValueError as error:
+        raise ValueError(f"{error} (from {ENV_PREFIX}* or nnattr.remote.timeouts)") from None
+
+
+@contextlib.contextmanager
+def timeouts(**seconds: float | None) -> Iterator[Timeouts]:
+    """Change how long remote runs inside the ``with`` wait (seconds per wait, see `Timeouts`);
+    yields the waits now in force.
+
+    >>> with nnattr.remote.timeouts(job=7200, download=1800):                          # doctest: +SKIP
+    ...     result = dla.run(model, prompts, remote=True)
+    """
+    unknown = sorted(set(seconds) - set(WAITS))
+    if unknown:
+        raise TypeError(f"timeouts(): no wait named {', '.join(unknown)}; the waits are {', '.join(WAITS)}")
+    Timeouts(**seconds)  # refuse a bad value here, not at the next request
+    token = _SET.set({**_SET.get(), **seconds})
+    try:
+        yield current_timeouts()
+    finally:
+        _SET.reset(token)
+
+
+def _longer(wait: str, seconds: float) -> str:
+    """How to wait longer for ``wait``: its environment variable, or a `timeouts` block."""
+    more = f"{2 * seconds:g}"
+    return (f"To wait longer, set {ENV_PREFIX}{wait.upper()}={more} or run it inside "
+            f"`with nnattr.remote.timeouts({wait}={more}):`.")
+
+
+def _timed_out(wait: str, seconds: float, what: str, then: str = "") -> NDIFError:
+    """The `NDIFError` for a wait that ran out: what did not happen, in how long, and the fix."""
+    return NDIFError(f"{what} within {seconds:g} s ({wait} timeout).{' ' + then if then else ''} "
+                     f"{_longer(wait, seconds)}", kind=f"{wait}_timeout")
+
+
+def _with_http_timeouts(method: Callable, connect: float, read: float) -> Callable:
+    """nnsight's ``method`` (a `RemoteBackend` method that makes an HTTP request) reading ``connect``
+    and ``read`` seconds where it reads its module's fixed timeouts (``_CONNECT_TIMEOUT``,
+    ``_READ_TIMEOUT``: 10 s and 600 s, which nnsight offers no parameter for). A copy of the function
+    with its own globals: nothing changes for other callers or threads."""
+    code = method.__code__
+    if not {"_CONNECT_TIMEOUT", "_READ_TIMEOUT"} <= set(code.co_names):
+        warnings.warn(f"nnsight's RemoteBackend.{method.__name__} no longer reads _CONNECT_TIMEOUT and "
+                      f"_READ_TIMEOUT: nnattr's connect, upload, status and download timeouts do not apply to it "
+                      f"(nnsight's own do)", RuntimeWarning, stacklevel=3)
+        return method
+    scope = {**method.__globals__, "_CONNECT_TIMEOUT": connect, "_READ_TIMEOUT": read}
+    copy = types.FunctionType(code, scope, method.__name__, method.__defaults__, method.__closure__)
+    copy.__kwdefaults__ = method.__kwdefaults__
+    return copy
+
+
+def _http_timeout(error: BaseException | None, *, connect: float, wait: str, seconds: float, where: str,
+                  doing: str, then: str = "") -> NDIFError | None:
+    """The `NDIFError` for an httpx timeout while ``doing`` something at ``where`` ("NDIF at <host>";
+    None for any other error): no connection within ``connect`` s, or a reached server silent for
+    ``seconds``."""
+    import httpx
+
+    if isinstance(error, httpx.ConnectTimeout):
+        return _timed_out("connect", connect, f"Could not open a connection to {where} for {doing}",
+                          "The host did not answer: check the network and NDIF_HOST; nnsight.status() shows "
+                          "whether the service is up.")
+    if isinstance(error, httpx.WriteTimeout):
+        return _timed_out("connect", connect, f"{where} was reached, but {doing} stalled: it took no data", then)
+    if isinstance(error, httpx.TimeoutException):
+        return _timed_out(wait, seconds, f"{where} was reached, but {doing} got no answer", then)
+    return None
+
+
 # ----------------------------------------------------------------------------- preflight
 
-_CHECKED: set[tuple[str, str]] = set()  # (host, model key) pairs whose service checks passed
+#: (host, model key) pairs whose service checks passed: the model's execution limit in seconds, as
+#: the server reports it (None: not reported).
+_CHECKED: dict[tuple[str, str], float | None] = {}
 
 
 def is_remote(remote: Any = False, backend: Any = None) -> bool:
@@ -83,8 +230,9 @@ def prepare(model, backend=None, *, remote: Any = True) -> None:
     2. Finds the API key (the backend's, nnsight's config from ``nnsight login``, or
        ``NDIF_API_KEY``, also when set after nnsight was imported; ``NDIF_HOST`` likewise).
     3. Once per process, host and model: checks the host answers, that the model is running
-       (``nnsight.is_model_running``), and warns (`NDIFVersionWarning`) where
-       ``nnsight.compare()`` finds nnsight, transformers or torch differ from the server's.
+       (``nnsight.is_model_running``), and warns (`NDIFVersionWarning`) where nnsight,
+       transformers or torch differ from the server's (``nnsight.compare()``), or where the server's
+       versions cannot be read. Each read waits at most `current_timeouts` ``connect`` / ``status``.
     """
     import nnsight
 
@@ -113,8 +261,7 @@ def prepare(model, backend=None, *, remote: Any = True) -> None:
         backend.api_key = key
     model_key = backend.model_key if backend is not None else _model_key(model)
     if (host, model_key) not in _CHECKED:
-        _check_service(host, model_key)
-        _CHECKED.add((host, model_key))
+        _CHECKED[(host, model_key)] = _check_service(host, model_key)
 
 
 def _adopt_environment() -> None:
@@ -157,43 +304,89 @@ def _model_key(model) -> str:
         ) from None
 
 
-def _check_service(host: str, model_key: str) -> None:
-    import httpx
+def _check_service(host: str, model_key: str) -> float | None:
+    """Refuse a host that does not answer or a model it does not run; warn about versions.
+    Returns the model's execution limit in seconds, as ``/status`` reports it (None: not reported)."""
     import nnsight
 
     repo = json.loads(model_key.partition(":")[2] or "{}")
     repo_id, revision = repo.get("repo_id"), repo.get("revision") or "main"
+    status = _json(_read(host, "/status", "the service status (GET /status)", then="Nothing was sent; the service "
+                         "may be overloaded: try again later, or check nnsight.status()."))
+    limit = None
+    with _pointed_at(host):
+        if isinstance(status, dict):  # else the host publishes no status: the request itself will tell
+            ours = [d for d in status.get("deployments", {}).values()
+                    if d.get("repo_id") == repo_id and (d.get("revision") or "main") == revision
+                    and d.get("application_state") == "RUNNING"]
+            try:
+                running = nnsight.is_model_running(repo_id, revision=revision)
+            except Exception:  # the Hub lookup it makes failed: the status we already have decides
+                running = False
+            if not (running or ours):
+                raise NDIFError(
+                    f"Model {repo_id!r} is not running on NDIF ({host}), so nothing was sent; "
+                    f"print(nnsight.status()) lists the models that are.",
+                    kind="not_hosted",
+                )
+            limit = next((float(d["execution_timeout_seconds"]) for d in ours if d.get("execution_timeout_seconds")),
+                         None)
+        _check_versions(host)
+    return limit
+
+
+def _read(host: str, path: str, doing: str, *, then: str = ""):
+    """``GET host+path``, each wait bounded (`current_timeouts` connect / status): the response,
+    or `NDIFError` when the host cannot be reached or is silent."""
+    import httpx
+
+    t = current_timeouts()
     try:
-        response = httpx.get(f"{host}/status", timeout=httpx.Timeout(5.0, read=30.0))
-        response.raise_for_status()
-        status = response.json()
-    except httpx.HTTPStatusError:
-        return  # the host answers but publishes no status: the request itself will tell
+        response = httpx.get(f"{host}{path}", timeout=httpx.Timeout(t.connect, read=t.status))
+    except httpx.TimeoutException as error:
+        raise _http_timeout(error, connect=t.connect, wait="status", seconds=t.status, where=f"NDIF at {host}",
+                            doing=doing, then=then) from None
     except (httpx.TransportError, OSError) as error:
         raise NDIFError(
             f"Cannot reach NDIF at {host} ({type(error).__name__}), so nothing was sent. Check the "
             f"network and NDIF_HOST; nnsight.status() shows whether the service is up.",
             kind="unreachable",
         ) from None
-    with _pointed_at(host):
+    return response
+
+
+def _json(response) -> Any:
+    """A response's JSON; None for an HTTP error or a body that is not JSON."""
+    try:
+        return None if response.is_error else response.json()
+    except ValueError:
+        return None
+
+
+def _check_versions(host: str) -> None:
+    """Warn (`NDIFVersionWarning`) where nnsight, transformers or torch differ from the server's,
+    and where the server's versions cannot be read (no ``/env``, a silent one)."""
+    import nnsight.ndif as ndif
+
+    cannot = ("The version check did not run, so a difference in nnsight, transformers or torch between here and "
+              "the NDIF server (the most common reason a trace that works locally fails remotely) would go "
+              "unnoticed; print(nnsight.compare()) tries again. Why: {why}")
+    env = ndif._REMOTE_ENV  # nnsight.compare()'s cache, for this host (_pointed_at)
+    if env is None:
         try:
-            running = nnsight.is_model_running(repo_id, revision=revision)
-        except Exception:  # the Hub lookup it makes failed: read the status we already have
-            running = any(
-                d.get("repo_id") == repo_id and (d.get("revision") or "main") == revision
-                and d.get("application_state") == "RUNNING"
-                for d in status.get("deployments", {}).values()
-            )
-        if not running:
-            raise NDIFError(
-                f"Model {repo_id!r} is not running on NDIF ({host}), so nothing was sent; "
-                f"print(nnsight.status()) lists the models that are.",
-                kind="not_hosted",
-            )
-        try:
-            mismatches = nnsight.compare().critical_mismatches
-        except Exception:
-            return
+            response = _read(host, "/env", "its versions (GET /env)")
+        except NDIFError as error:
+            return warnings.warn(cannot.format(why=error), NDIFVersionWarning, stacklevel=4)
+        env = _json(response)
+        if not isinstance(env, dict) or not isinstance(env.get("packages"), dict):
+            why = f"NDIF at {host} has no /env route (HTTP {response.status_code})" if response.status_code == 404 \
+                else f"GET {host}/env gave no versions (HTTP {response.status_code})"
+            return warnings.warn(cannot.format(why=why), NDIFVersionWarning, stacklevel=4)
+        ndif._REMOTE_ENV = env
+    try:
+        mismatches = ndif.EnvComparison(ndif.get_local_env(), env).critical_mismatches
+    except Exception as error:
+        return warnings.warn(cannot.format(why=f"{type(error).__name__}: {error}"), NDIFVersionWarning, stacklevel=4)
     if mismatches:
         differ = "; ".join(f"{p} {v['local']} here, {v['remote']} on NDIF" for p, v in sorted(mismatches.items()))
         pins = " ".join(f"'{p}=={v['remote']}'" for p, v in sorted(mismatches.items()))
@@ -202,7 +395,7 @@ def _check_service(host: str, model_key: str) -> None:
             f"results may differ from local ones, or requests may fail with an architecture "
             f"mismatch. To match the server: pip install {pins} (print(nnsight.compare()) shows all).",
             NDIFVersionWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -227,11 +420,139 @@ def _pointed_at(host: str) -> Iterator[None]:
 
 
 class Backend(RemoteBackend):
-    """nnsight's `RemoteBackend`, checking each block with `check_block` before it is sent."""
+    """nnsight's `RemoteBackend`, checking each block with `check_block` before it is sent, and
+    bounding each of its waits by `current_timeouts` (read per request): a wait that runs out is an
+    `NDIFError` (``kind="<wait>_timeout"``) naming it. nnsight's own protocol code does the rest."""
 
     def _serialize(self, tracer):
         check_block(tracer)
         return super()._serialize(tracer)
+
+    def _post(self, request, blob):
+        t = current_timeouts()
+        try:
+            return _with_http_timeouts(RemoteBackend._post, t.connect, t.upload)(self, request, blob)
+        except RemoteError as error:  # nnsight words every failure of the POST as "Failed to send request"
+            timed_out = _http_timeout(
+                error.__cause__, connect=t.connect, wait="upload", seconds=t.upload, where=f"NDIF at {self.host}",
+                doing="sending the request (POST /request)",
+                then="The job may or may not have been queued; the service may be overloaded: try again later.")
+            if timed_out is None:
+                raise
+            raise timed_out from None
+
+    def download_result(self, url):
+        t = current_timeouts()
+        try:
+            return _with_http_timeouts(RemoteBackend.download_result, t.connect, t.download)(self, url)
+        except Exception as error:
+            from urllib.parse import urlsplit
+
+            where = "the result's host" + (f" ({urlsplit(url).netloc})" if isinstance(url, str) else "")
+            timed_out = _http_timeout(error, connect=t.connect, wait="download", seconds=t.download, where=where,
+                                      doing="the download of the finished job's result",
+                                      then="The link stays valid for about an hour.")
+            if timed_out is None:
+                raise
+            raise timed_out from None
+
+    def poll(self, tracer=None):
+        t = current_timeouts()
+        try:
+            return _with_http_timeouts(RemoteBackend.poll, t.connect, t.status)(self, tracer)
+        except Exception as error:
+            timed_out = _job_status_timeout(error, t, self.host, self.job_id)
+            if timed_out is None:
+                raise
+            raise timed_out from None
+
+    def request(self, request, tracer):
+        """nnsight's blocking request with every wait bounded: open ``/subscribe`` and read its
+        session id (``subscribe``), POST the block (``upload``), then follow the status stream,
+        shown as it goes, until COMPLETED (``job``) and fetch the result (``download``)."""
+        t = current_timeouts()
+        blob = self._serialize(tracer)
+        connection, request.session_id = self._subscribe(t)
+        try:
+            received = self._post(request, blob)
+            self.handle(received)
+            return self._follow(connection, t, received)
+        finally:
+            connection.close()
+
+    def _subscribe(self, t: Timeouts):
+        """The open ``/subscribe`` websocket and the session id it sent first, within ``t.subscribe``."""
+        import websocket
+
+        started, connection = time.monotonic(), None
+        try:
+            connection = websocket.create_connection(
+                f"{self.ws_host}/subscribe", header={"ndif-api-key": self.api_key} if self.api_key else None,
+                timeout=t.subscribe)
+            connection.settimeout(max(0.001, t.subscribe - (time.monotonic() - started)))
+            return connection, json.loads(connection.recv())["session_id"]
+        except websocket.WebSocketTimeoutException:
+            what = "answered the upgrade" if connection is None else "sent the session id"
+            error = _timed_out("subscribe", t.subscribe,
+                               f"NDIF at {self.host} was reached, but its /subscribe websocket never {what}",
+                               "Nothing was sent; the service may be overloaded: try again later.")
+        except TimeoutError:  # the connection itself did not open
+            error = _timed_out("subscribe", t.subscribe,
+                               f"Could not open the /subscribe websocket to NDIF at {self.host}",
+                               "Nothing was sent. Check the network and NDIF_HOST; nnsight.status() shows whether "
+                               "the service is up.")
+        if connection is not None:
+            connection.close(timeout=1)
+        raise error
+
+    def _follow(self, connection, t: Timeouts, received):
+        """The status stream until COMPLETED (the result) or ERROR (`RemoteError`), within the
+        ``job`` wait; shown as it goes by nnsight's display, queue position included."""
+        import websocket
+        from nnsight.schema.response import Status
+
+        limit, why = _job_limit(t, self.host, self.model_key)
+        started = time.monotonic()
+        last, last_at = received, started
+        tick = 0.1 if self.display.enabled else 1.0  # wake to animate the display, or to check the clock
+        while True:
+            left = started + limit - time.monotonic()
+            if left <= 0:
+                said = f" ({last.description})" if last.description else ""
+                raise _timed_out(
+                    "job", limit, f"NDIF received the job ({received.id}) but it did not finish",
+                    f"{why}Its last status was {last.status.value}{said}, {time.monotonic() - last_at:.0f} s "
+                    f"before giving up; it may still be queued or running on the server. For long waits, "
+                    f"nnattr.remote.submit(...) queues it and job.result() collects it later.")
+            connection.settimeout(min(tick, left))
+            try:
+                message = connection.recv()
+            except websocket.WebSocketTimeoutException:
+                self.display.refresh()
+                continue
+            response = self.parse(message)
+            if response.status != Status.LOG:
+                last, last_at = response, time.monotonic()
+            result = self.handle(response)
+            if response.status == Status.COMPLETED:
+                return result
+
+
+def _job_status_timeout(error: BaseException, t: Timeouts, host: str, job_id: str) -> NDIFError | None:
+    return _http_timeout(error, connect=t.connect, wait="status", seconds=t.status, where=f"NDIF at {host}",
+                         doing=f"the status of job {job_id} (GET /response)",
+                         then="The job itself is unaffected: ask again later.")
+
+
+def _job_limit(t: Timeouts, host: str, model_key: str) -> tuple[float, str]:
+    """The ``job`` wait in seconds, and where it comes from in words (empty when set)."""
+    if t.job is not None:
+        return t.job, ""
+    limit = _CHECKED.get((host, model_key))
+    if limit:
+        return limit + JOB_ALLOWANCE, (f"That is the model's execution limit on this server ({limit:g} s) plus "
+                                       f"{JOB_ALLOWANCE:g} s for the queue. ")
+    return JOB_DEFAULT, ""
 
 
 def backend_for(model, remote: Any = True, backend: Any = None):
@@ -464,10 +785,14 @@ class Job:
             if job_id in self._saves:
                 found.append("COMPLETED")
                 continue
-            key = _api_key()
+            key, t = _api_key(), current_timeouts()
+            wait = httpx.Timeout(t.connect, read=t.status)
             with errors(self._model, remote=self.host):
-                response = httpx.get(f"{self.host}/response/{job_id}", timeout=httpx.Timeout(10.0, read=60.0),
-                                     headers={"ndif-api-key": key} if key else None)
+                try:
+                    response = httpx.get(f"{self.host}/response/{job_id}", timeout=wait,
+                                         headers={"ndif-api-key": key} if key else None)
+                except httpx.TimeoutException as error:
+                    raise _job_status_timeout(error, t, self.host, job_id) from None
                 if response.status_code == 404:
                     found.append("RECEIVED")  # no status stored yet
                     continue
@@ -480,12 +805,13 @@ class Job:
         return self.status() in ("COMPLETED", "ERROR")
 
     def result(self, timeout: float | None = None, poll_interval: float = 1.0):
-        """Wait (at most ``timeout`` seconds, if given) and return the recipe's result."""
+        """Wait (at most ``timeout`` seconds, if given) and return the recipe's result. Each poll
+        and the download are bounded as `current_timeouts` says (``status``, ``download``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with errors(self._model, remote=self.host):
             for job_id in self.ids:
                 while job_id not in self._saves:
-                    saves = RemoteBackend(self.model_key, host=self.host, blocking=False, job_id=job_id)()
+                    saves = Backend(self.model_key, host=self.host, blocking=False, job_id=job_id)()
                     if saves is not None:
                         self._saves[job_id] = saves
                     elif deadline is not None and time.monotonic() > deadline:
@@ -529,9 +855,11 @@ class _Replay(RemoteBackend):
 
 def add_cli_arguments(parser) -> None:
     """Add ``--remote`` and ``--ndif-host`` to an argparse parser. The API key never goes on a
-    command line: NDIF_API_KEY or ``nnsight login``."""
+    command line: NDIF_API_KEY or ``nnsight login``. The waits are set by environment variables,
+    ``NNATTR_NDIF_TIMEOUT_<WAIT>`` (`Timeouts`), which reach every command without a flag each."""
     parser.add_argument("--remote", action="store_true",
-                        help="run on NDIF (API key: NDIF_API_KEY or `nnsight login`)")
+                        help="run on NDIF (API key: NDIF_API_KEY or `nnsight login`; longer waits: "
+                             "NNATTR_NDIF_TIMEOUT_JOB=<seconds>, ..._CONNECT, _SUBSCRIBE, _UPLOAD, _STATUS, _DOWNLOAD)")
     parser.add_argument("--ndif-host", metavar="URL", default=None,
                         help="NDIF host for --remote (default: NDIF_HOST, else https://api.ndif.us)")
 

@@ -33,22 +33,24 @@ TITLE, UNITS, ALIASES = "Attention rollout", "rollout weight", ("rollout",)
 def trace(model, batch: Batch, *, view: str, residual: float, head_fusion: str | None, norm: str | None,
           remote=False, backend=None) -> dict:
     """One forward; the rollout (or flow) state is updated layer by layer."""
-    a, key_mask = batch.arch, batch.inputs["attention_mask"].bool()  # [batch, key]
+    a, inputs = batch.arch, batch.inputs
+    key_mask = inputs["attention_mask"].bool()  # [batch, key]
     layout, n_heads, n_kv, d_head = a.value_layout, a.n_heads, a.n_kv_heads, a.d_head
-    with torch.no_grad(), model.trace(batch.inputs, remote=remote, backend=backend):
-        mask, state = key_mask.to(model.layers[0].input.device), None
-        for layer in model.layers:
-            if view == "value_weighted":  # [batch, key, kv_head, d_head]
-                values = split_values(layer.attn.v_proj.output, layout=layout, n_heads=n_heads, n_kv_heads=n_kv,
-                                      d_head=d_head)
-            pattern = layer.attn.output[1]  # [batch, head, query, key]
-            if view == "value_weighted":
-                pattern = value_weighted(pattern, values, norm=norm)
-            if view == "flow":
-                state = flow_step(state, pattern, residual=residual, key_mask=mask)
-            else:
-                state = rollout_step(state, pattern, residual=residual, head_fusion=head_fusion, key_mask=mask)
-        maps = nnsight.save({"maps": state.detach().cpu()})
+    with model.session(remote=remote, backend=backend):  # no_grad inside the session: it runs where the model does
+        with torch.no_grad(), model.trace(inputs):
+            mask, state = key_mask.to(model.layers[0].input.device), None
+            for layer in model.layers:
+                if view == "value_weighted":  # [batch, key, kv_head, d_head]
+                    values = split_values(layer.attn.v_proj.output, layout=layout, n_heads=n_heads, n_kv_heads=n_kv,
+                                          d_head=d_head)
+                pattern = layer.attn.output[1]  # [batch, head, query, key]
+                if view == "value_weighted":
+                    pattern = value_weighted(pattern, values, norm=norm)
+                if view == "flow":
+                    state = flow_step(state, pattern, residual=residual, key_mask=mask)
+                else:
+                    state = rollout_step(state, pattern, residual=residual, head_fusion=head_fusion, key_mask=mask)
+            maps = nnsight.save({"maps": state.detach().cpu()})
     return maps
 
 

@@ -32,15 +32,17 @@ TITLE, UNITS = "Attention summary", "weight; entropies in nats"
 
 def trace(model, batch: Batch, *, layers: list, residual: float, remote=False, backend=None) -> dict:
     """One forward; the rollout is streamed through every layer up to the last one asked."""
-    key_mask, last = batch.inputs["attention_mask"].bool(), max(layers)  # [batch, key]
-    with torch.no_grad(), model.trace(batch.inputs, remote=remote, backend=backend):
-        mask, state, rows = key_mask.to(model.layers[0].input.device), None, []
-        for i in range(last + 1):
-            pattern = model.layers[i].attn.output[1]  # [batch, head, query, key]
-            state = rollout_step(state, pattern, residual=residual, head_fusion="mean", key_mask=mask)
-            if i in layers:
-                rows.append(attention_summary(pattern, state, key_mask=mask))  # [batch, field]
-        out = nnsight.save({"summary": torch.stack(rows, dim=1).detach().cpu()})  # [batch, layer, field]
+    inputs, last = batch.inputs, max(layers)
+    key_mask = inputs["attention_mask"].bool()  # [batch, key]
+    with model.session(remote=remote, backend=backend):  # no_grad inside the session: it runs where the model does
+        with torch.no_grad(), model.trace(inputs):
+            mask, state, rows = key_mask.to(model.layers[0].input.device), None, []
+            for i in range(last + 1):
+                pattern = model.layers[i].attn.output[1]  # [batch, head, query, key]
+                state = rollout_step(state, pattern, residual=residual, head_fusion="mean", key_mask=mask)
+                if i in layers:
+                    rows.append(attention_summary(pattern, state, key_mask=mask))  # [batch, field]
+            out = nnsight.save({"summary": torch.stack(rows, dim=1).detach().cpu()})  # [batch, layer, field]
     return out
 
 
@@ -98,7 +100,8 @@ def over(model, data: Iterable, *, batch_size: int = 32, **options) -> Attributi
         if group:
             yield group
 
-    parts = [run(model, b, batch_size=batch_size, **options) for b in tqdm(batches(), desc=TITLE, unit="batch")]
+    bar = tqdm(batches(), desc=TITLE, unit="batch", disable=not runner.show_progress())
+    parts = [run(model, b, batch_size=batch_size, **options) for b in bar]
     if not parts:
         raise ValueError("over(): data held no prompts")
     return replace(parts[0], values=torch.cat([p.values for p in parts]),

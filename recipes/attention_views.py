@@ -34,29 +34,31 @@ TITLE, UNITS = "Attention", "attention weight"
 def trace(model, batch: Batch, *, view: str, layers: list, heads: list, norm: str | None, residual: float,
           remote=False, backend=None) -> dict:
     """One forward; each chosen layer's patterns, re-weighted as the view asks, cut to the chosen heads."""
-    a, key_mask = batch.arch, batch.inputs["attention_mask"].bool()  # [batch, key]
+    a, inputs = batch.arch, batch.inputs
+    key_mask = inputs["attention_mask"].bool()  # [batch, key]
     layout, n_heads, n_kv, d_head, conv1d = a.value_layout, a.n_heads, a.n_kv_heads, a.d_head, a.o_proj_conv1d
     wanted, last = torch.tensor(heads), max(layers)
-    with torch.no_grad(), model.trace(batch.inputs, remote=remote, backend=backend):
-        mask, state, maps = key_mask.to(model.layers[0].input.device), None, []
-        for i in range(last + 1):  # forward order; flow needs every layer up to the last one asked
-            layer = model.layers[i]
-            if view in ("value_weighted", "norm_based") and i in layers:  # [batch, key, kv_head, d_head]
-                values = split_values(layer.attn.v_proj.output, layout=layout, n_heads=n_heads, n_kv_heads=n_kv,
-                                      d_head=d_head)
-            if view != "flow" and i not in layers:
-                continue
-            pattern = layer.attn.output[1]  # [batch, head, query, key]
-            if view == "value_weighted":
-                pattern = value_weighted(pattern, values, norm=norm, key_mask=mask)
-            elif view == "norm_based":
-                W_O = o_proj_per_head(layer.attn.o_proj.weight, n_heads=n_heads, conv1d=conv1d)
-                pattern = norm_based(pattern, values, W_O, key_mask=mask)
-            elif view == "flow":
-                pattern = state = flow_step(state, pattern, residual=residual, key_mask=mask)
-            if i in layers:
-                maps.append(pattern[:, wanted.to(pattern.device)].float())  # [batch, head, query, key]
-        out = nnsight.save({"maps": torch.stack(maps, dim=1).detach().cpu()})  # [batch, layer, head, q, k]
+    with model.session(remote=remote, backend=backend):  # no_grad inside the session: it runs where the model does
+        with torch.no_grad(), model.trace(inputs):
+            mask, state, maps = key_mask.to(model.layers[0].input.device), None, []
+            for i in range(last + 1):  # forward order; flow needs every layer up to the last one asked
+                layer = model.layers[i]
+                if view in ("value_weighted", "norm_based") and i in layers:  # [batch, key, kv_head, d_head]
+                    values = split_values(layer.attn.v_proj.output, layout=layout, n_heads=n_heads, n_kv_heads=n_kv,
+                                          d_head=d_head)
+                if view != "flow" and i not in layers:
+                    continue
+                pattern = layer.attn.output[1]  # [batch, head, query, key]
+                if view == "value_weighted":
+                    pattern = value_weighted(pattern, values, norm=norm, key_mask=mask)
+                elif view == "norm_based":
+                    W_O = o_proj_per_head(layer.attn.o_proj.weight, n_heads=n_heads, conv1d=conv1d)
+                    pattern = norm_based(pattern, values, W_O, key_mask=mask)
+                elif view == "flow":
+                    pattern = state = flow_step(state, pattern, residual=residual, key_mask=mask)
+                if i in layers:
+                    maps.append(pattern[:, wanted.to(pattern.device)].float())  # [batch, head, query, key]
+            out = nnsight.save({"maps": torch.stack(maps, dim=1).detach().cpu()})  # [batch, layer, head, q, k]
     return out
 
 

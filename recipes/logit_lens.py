@@ -32,27 +32,29 @@ TITLE, UNITS = "Logit lens", "probability of the expected token"
 def trace(model, batch: Batch, *, positions: str, k: int, remote=False, backend=None) -> dict:
     """One forward; every layer's residual decoded at the read position (the last) or at all of them."""
     cap, at, one = batch.arch.logit_softcap, batch.columns, positions == "last"
-    expected = batch.inputs["input_ids"].roll(-1, dims=1)  # [batch, pos]: each position's next token
+    inputs = batch.inputs
+    expected = inputs["input_ids"].roll(-1, dims=1)  # [batch, pos]: each position's next token
     default = torch.where(at == batch.width - 1, -1, read_at(expected, at))  # -1: the model's top prediction
     target = default if batch.target is None else batch.answer("target")  # expected at the read position
-    with torch.no_grad(), model.trace(batch.inputs, remote=remote, backend=backend):
-        states = [model.layers[0].input] + [first(layer.output) for layer in model.layers]
-        final = read_at(model.output.logits, at).float()  # [batch, vocab]
-        answer = torch.where(target.to(final.device) < 0, final.argmax(-1), target.to(final.device))
-        want = answer[:, None] if one else torch.cat([expected[:, :-1].to(final.device), answer[:, None]], 1)
-        cells = []
-        for h in states:  # [batch, pos, d_model]; reduced at once: no [layer, pos, vocab] lives on
-            h = read_at(h, at)[:, None] if one else h
-            logits = softcap(model.lm_head(model.ln_f(h)).float(), cap)  # [batch, pos, vocab]
-            cells.append(lens_summary(logits.flatten(0, 1)[None], want.flatten(), k=k))
-        cell = {key: torch.cat([c[key] for c in cells]).unflatten(1, want.shape) for key in cells[0]}
-        out = nnsight.save({  # [batch, layer, pos(, k)]
-            "prob": cell["target_prob"].transpose(0, 1).detach().cpu(),
-            "rank": cell["target_rank"].transpose(0, 1).cpu(),
-            "top_id": cell["top_id"].transpose(0, 1).cpu(),
-            "top_prob": cell["top_prob"].transpose(0, 1).detach().cpu(),
-            "target": answer.cpu(),
-        })
+    with model.session(remote=remote, backend=backend):  # no_grad inside the session: it runs where the model does
+        with torch.no_grad(), model.trace(inputs):
+            states = [model.layers[0].input] + [first(layer.output) for layer in model.layers]
+            final = read_at(model.output.logits, at).float()  # [batch, vocab]
+            answer = torch.where(target.to(final.device) < 0, final.argmax(-1), target.to(final.device))
+            want = answer[:, None] if one else torch.cat([expected[:, :-1].to(final.device), answer[:, None]], 1)
+            cells = []
+            for h in states:  # [batch, pos, d_model]; reduced at once: no [layer, pos, vocab] lives on
+                h = read_at(h, at)[:, None] if one else h
+                logits = softcap(model.lm_head(model.ln_f(h)).float(), cap)  # [batch, pos, vocab]
+                cells.append(lens_summary(logits.flatten(0, 1)[None], want.flatten(), k=k))
+            cell = {key: torch.cat([c[key] for c in cells]).unflatten(1, want.shape) for key in cells[0]}
+            out = nnsight.save({  # [batch, layer, pos(, k)]
+                "prob": cell["target_prob"].transpose(0, 1).detach().cpu(),
+                "rank": cell["target_rank"].transpose(0, 1).cpu(),
+                "top_id": cell["top_id"].transpose(0, 1).cpu(),
+                "top_prob": cell["top_prob"].transpose(0, 1).detach().cpu(),
+                "target": answer.cpu(),
+            })
     return out
 
 

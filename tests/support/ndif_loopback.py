@@ -27,6 +27,13 @@ ndif's `cpu_pickle_module`, zstd-compress at level 3 when the request was
 compressed, format failures like the actor's ``format_error``. The served model
 is a separate instance, in eval mode with ``requires_grad_(False)``.
 
+Faults on demand (each off by default, see `LoopbackNDIF`): ``hang`` makes a
+route or the job accept the client and then answer nothing (a hung subscribe,
+upload, status, env or download, a job that never finishes), ``missing_routes``
+answers 404 on routes an older server lacks (``/env``), and
+``trainable_weights`` serves parameters that require grad, as a self-hosted
+server that never froze its model does.
+
 Test support code, not public API. Runs in-process (background threads), so do
 not run client traces concurrently with a non-blocking job still executing:
 nnsight patches process-global state (``Tensor.grad``, its source caches) while
@@ -62,6 +69,7 @@ import torch
 
 __all__ = [
     "DEFAULT_SERVER_PACKAGES",
+    "HANGS",
     "INLINE_LIMIT_BYTES",
     "OLD_SERVER_IMPORT_WHITELIST",
     "LoopbackNDIF",
@@ -182,6 +190,9 @@ class RequestRecord:
     error: Optional[str] = None
     meta: Optional[dict] = None
     downloads: int = 0
+    #: With ``trainable_weights``: whether a module's output required grad while the block ran (the
+    #: request built an autograd graph on the server); None otherwise.
+    built_graph: Optional[bool] = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
 
     @property
@@ -372,6 +383,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        if path in self.ndif.missing_routes:
+            return self._detail(404, "Not Found")
         if path == "/subscribe":
             return self._subscribe()
         if path == "/ping":
@@ -379,9 +392,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/connected":
             return self._json(200, {"status": "connected"})
         if path == "/status":
-            return self._json(200, self.ndif._status_json())
+            return self._hold() if "status" in self.ndif.hang else self._json(200, self.ndif._status_json())
         if path == "/env":
-            return self._json(200, self.ndif._env_json())
+            return self._hold() if "env" in self.ndif.hang else self._json(200, self.ndif._env_json())
         if path == "/whoami":
             return self._json(200, self.ndif._whoami(self.headers.get("ndif-api-key")))
         if path.startswith("/response/"):
@@ -395,9 +408,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path != "/request":
+        if path != "/request" or path in self.ndif.missing_routes:
             return self._detail(404, "Not Found")
         body = self._body()
+        if "request" in self.ndif.hang:  # read the upload, never answer it (nothing is queued)
+            return self._hold()
         try:
             status, payload = self.ndif._accept(self.headers, body)
         except Exception as error:  # FastAPI's unhandled-exception answer
@@ -409,6 +424,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _download(self, name: str) -> None:
         ndif = self.ndif
+        if "download" in ndif.hang:
+            return self._hold()
         if ndif.result_url_status is not None:
             # What an expired presigned S3 link answers.
             return self._send(
@@ -426,6 +443,20 @@ class _Handler(BaseHTTPRequestHandler):
             record.downloads += 1
         self._send(200, blob, content_type="application/octet-stream")
 
+    def _hold(self) -> None:
+        """Fault injection: answer nothing, holding the connection until the client closes it,
+        the server stops, or ``session_timeout`` passes."""
+        self.close_connection = True
+        ndif, sock = self.ndif, self.connection
+        deadline = time.monotonic() + ndif.session_timeout
+        while not ndif._stopping.is_set() and time.monotonic() < deadline:
+            readable, _, _ = select.select([sock], [], [], 0.05)
+            try:
+                if readable and not sock.recv(1 << 16):
+                    return  # the client gave up
+            except OSError:
+                return
+
     def _subscribe(self) -> None:
         key = self.headers.get("Sec-WebSocket-Key")
         if (self.headers.get("Upgrade") or "").lower() != "websocket" or not key:
@@ -441,9 +472,11 @@ class _Handler(BaseHTTPRequestHandler):
         ndif = self.ndif
         sock = self.connection
         channel = ndif._open_channel()
+        silent = "subscribe" in ndif.hang  # fault: upgraded, then no session id and no updates
         try:
             # Like the real app: the channel exists before the id is handed out.
-            sock.sendall(_ws_frame(0x1, json.dumps({"session_id": channel.session_id}).encode()))
+            if not silent:
+                sock.sendall(_ws_frame(0x1, json.dumps({"session_id": channel.session_id}).encode()))
             while True:
                 if ndif._stopping.is_set():
                     return self._ws_give_up(sock, channel, "LoopbackNDIF was stopped.", 1001)
@@ -454,7 +487,7 @@ class _Handler(BaseHTTPRequestHandler):
                         f"LoopbackNDIF closed this session after session_timeout="
                         f"{ndif.session_timeout}s.", 1011,
                     )
-                while True:
+                while not silent:
                     try:
                         opcode, data = channel.frames.get_nowait()
                     except queue.Empty:
@@ -573,7 +606,18 @@ _OPTIONS = (
     "api_keys", "inline_limit", "force_download", "refuse_gradients", "simulate_oom",
     "import_whitelist", "server_packages", "execution_timeout", "session_timeout",
     "min_nnsight_version", "undeployable_reason", "result_url_status", "queue_delay",
+    "hang", "missing_routes", "trainable_weights",
 )
+
+#: What ``hang=`` can name: the routes and the job a faulty server never answers.
+HANGS = frozenset({"subscribe", "request", "status", "env", "download", "job"})
+
+
+def _hangs(names: Iterable[str]) -> frozenset:
+    names = frozenset([names] if isinstance(names, str) else names)
+    if not names <= HANGS:
+        raise ValueError(f"hang={sorted(names)}: each one of {sorted(HANGS)}")
+    return names
 
 
 class LoopbackNDIF:
@@ -611,6 +655,18 @@ class LoopbackNDIF:
         result_url_status: answer downloads with this HTTP status (e.g. 403,
             what an expired presigned link gives).
         queue_delay: seconds a request waits in the queue before it runs.
+        hang: what the server accepts and then never answers (`HANGS`):
+            ``"subscribe"`` (the websocket upgrades, then sends no session id),
+            ``"request"`` (``POST /request`` is read, never answered, nothing
+            queued), ``"status"``, ``"env"``, ``"download"`` (those GETs), or
+            ``"job"`` (a request is QUEUED, then never runs nor ends). A held
+            connection ends when the client closes it, at ``stop()``, or after
+            ``session_timeout``.
+        missing_routes: paths answered 404 as by a server without them, e.g.
+            ``{"/env"}`` (an older server: no version comparison).
+        trainable_weights: the served parameters require grad while a block
+            runs (a server that never froze its model), so a forward that does
+            not turn gradients off builds an autograd graph there.
         dtype: cast the served model to this dtype (e.g. ``torch.bfloat16``,
             as NDIF serves); user ops then run under autocast to it (CUDA
             autocast when available, as ndif does, else CPU autocast).
@@ -636,6 +692,9 @@ class LoopbackNDIF:
         undeployable_reason: str = "This model is not hosted on this server.",
         result_url_status: Optional[int] = None,
         queue_delay: float = 0.0,
+        hang: Iterable[str] = (),
+        missing_routes: Iterable[str] = (),
+        trainable_weights: bool = False,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         self._sources = dict(models)
@@ -652,6 +711,9 @@ class LoopbackNDIF:
         self.undeployable_reason = undeployable_reason
         self.result_url_status = result_url_status
         self.queue_delay = queue_delay
+        self.hang = _hangs(hang)
+        self.missing_routes = frozenset(missing_routes)
+        self.trainable_weights = trainable_weights
         self.dtype = dtype
         self._defaults = {name: getattr(self, name) for name in _OPTIONS}
 
@@ -759,6 +821,10 @@ class LoopbackNDIF:
         unknown = set(options) - set(_OPTIONS)
         if unknown:
             raise TypeError(f"unknown LoopbackNDIF options: {sorted(unknown)}")
+        if "hang" in options:
+            options["hang"] = _hangs(options["hang"])
+        if "missing_routes" in options:
+            options["missing_routes"] = frozenset(options["missing_routes"])
         saved = {name: getattr(self, name) for name in options}
         for name, value in options.items():
             setattr(self, name, value)
@@ -955,6 +1021,8 @@ class LoopbackNDIF:
             return
 
         self._respond(job, Status.QUEUED, f"Added to Queue at position {self._jobs.qsize() + 1}.")
+        if "job" in self.hang:  # fault: the job is lost, queued for ever; the replica moves on
+            return
         if self.queue_delay:
             self._stopping.wait(self.queue_delay)
         self._respond(job, Status.DISPATCHED, "Your job has been sent to the model deployment.")
@@ -979,10 +1047,12 @@ class LoopbackNDIF:
             streams = (_ThreadStream(sys.stdout, thread, emit), _ThreadStream(sys.stderr, thread, emit))
             saved_streams = (sys.stdout, sys.stderr)
             sys.stdout, sys.stderr = streams
+            unfrozen = self._unfrozen(model, job.record) if self.trainable_weights else contextlib.nullcontext()
             try:
                 self._exec_thread = thread
-                thread.start()
-                thread.join(self.execution_timeout)
+                with unfrozen:
+                    thread.start()
+                    thread.join(self.execution_timeout)
             finally:
                 self._exec_thread = None
                 if sys.stdout is streams[0]:
@@ -1077,6 +1147,32 @@ class LoopbackNDIF:
         buffer = io.BytesIO()
         torch.save(saved, buffer, pickle_module=core.cpu_pickle_module())
         return buffer.getvalue()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _unfrozen(model: Any, record: RequestRecord) -> Iterator[None]:
+        """The parameters require grad while the block runs (then frozen again, gradients dropped);
+        ``record.built_graph`` says whether any module's output required grad meanwhile."""
+        parameters = list(model._module.parameters())
+        record.built_graph = False
+
+        def hook(module: Any, args: Any, output: Any) -> None:
+            outputs = [output] if isinstance(output, torch.Tensor) else list(output.values()) \
+                if isinstance(output, Mapping) else list(output) if isinstance(output, (tuple, list)) else []
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs):
+                record.built_graph = True
+
+        handles = [module.register_forward_hook(hook) for module in model._module.modules()]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for parameter in parameters:
+                parameter.requires_grad_(False)
+                parameter.grad = None
 
     @staticmethod
     @contextlib.contextmanager
