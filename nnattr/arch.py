@@ -227,6 +227,13 @@ class Arch(Dims):
     head_exact: bool
     attention: str | None
 
+    def require(self, method: str, *, exact_heads: bool = False, probabilities: bool = False) -> None:
+        """`require_exact_heads` and `require_probabilities`, where asked, in one call."""
+        if exact_heads:
+            self.require_exact_heads(method)
+        if probabilities:
+            self.require_probabilities(method)
+
     def require_exact_heads(self, method: str) -> None:
         """Refuse a head-level method where heads pass their own norm before the residual stream."""
         if not self.head_exact:

@@ -16,12 +16,13 @@ the ``with``: a `Batch` is a client-side object and never travels to NDIF.
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
 
-from .arch import Arch, arch_of
+from .arch import Arch, arch_of, spec_for
 
 Token = Union[str, int]
 #: One prompt or many: text, a list of token ids (or of such lists), a ``[pos]`` or ``[batch, pos]``
@@ -52,13 +53,19 @@ class Batch:
 
     @classmethod
     def of(cls, model, prompts: Prompts, target: Token | Sequence[Token] | None = None,
-           distractor: Token | Sequence[Token] | None = None, *, role: str = "target") -> "Batch":
+           distractor: Token | Sequence[Token] | None = None, *, role: str = "target",
+           prepend_bos: bool | None = None) -> "Batch":
         """Validate and tokenise ``prompts`` (once) and the answer tokens for ``model``.
 
         A single ``target`` or ``distractor`` is shared by every prompt; a sequence gives one
         per prompt. ``role`` names the target in error messages (``"answer"`` for pairs).
         ``prompts`` may be a `Batch` already: it is reused as it is (answers given here replace
         its own), so a workflow tokenises its prompts once.
+
+        ``prepend_bos`` (default: the model's, set by ``nnattr.load(..., prepend_bos=)``, else
+        None): None keeps the tokenizer's behaviour for text and ids as given, and warns when ids
+        lack the BOS token the tokenizer adds to text; True puts BOS first in every prompt that
+        lacks it (TransformerLens's default); False removes a leading BOS.
         """
         tok = model.tokenizer
         if isinstance(prompts, Batch):
@@ -70,13 +77,19 @@ class Batch:
                             target=prompts.target if target is None else token_ids(tok, target, n, role=role),
                             distractor=prompts.distractor if distractor is None else
                             token_ids(tok, distractor, n, role="distractor"))
+            check_length(model, batch.lengths, warn=False)  # warned when it was built
             batch.check_answers(batch.target, role=role)
             return batch
+        if hasattr(prompts, "__array__") and not isinstance(prompts, torch.Tensor):  # numpy: its ids or texts
+            prompts = prompts.tolist()
         ids = _ids(tok, prompts)
-        tokens = tuple(tuple(tok.decode([i]) for i in row) for row in ids)
+        bos = getattr(model, "_nnattr_prepend_bos", None) if prepend_bos is None else prepend_bos
+        ids = with_bos(tok, ids, bos, from_text=isinstance(prompts, str) or _texts(prompts))
         texts = (prompts,) if isinstance(prompts, str) else tuple(prompts) if _texts(prompts) else None
-        labels = texts or tuple(tok.decode(row, skip_special_tokens=True) for row in ids)
         _check_known(tok, ids, texts)
+        check_length(model, tuple(map(len, ids)))
+        tokens = tuple(tuple(tok.decode([i]) for i in row) for row in ids)
+        labels = texts or tuple(tok.decode(row, skip_special_tokens=True) for row in ids)
         answers = token_ids(tok, target, len(ids), role=role), token_ids(tok, distractor, len(ids), role="distractor")
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         batch = cls(ids, tokens, labels, *answers, arch_of(model), 0 if pad is None else int(pad),
@@ -198,14 +211,77 @@ class Batch:
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
 
+#: Config keys holding a model's number of positions, in the order they are read.
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+_FORMS = ("pass text (a str), a list of texts, token ids (a list of ints, a list of such lists, or an integer "
+          "tensor [pos] or [batch, pos]), an encoding {'input_ids', 'attention_mask'}, or a Batch")
+
+
+def check_length(model, lengths: Sequence[int], *, warn: bool = True) -> None:
+    """Refuse prompts longer than the positions of a model with learned absolute position
+    embeddings (GPT-2: they would fail deep in the embedding with ``IndexError``); warn for other
+    (rotary) models, which run past ``max_position_embeddings`` but beyond what they were trained on."""
+    config = getattr(model, "config", model)
+    key = next((k for k in POSITION_KEYS if isinstance(getattr(config, k, None), int)), None)
+    long = [(i, n) for i, n in enumerate(lengths) if key is not None and n > getattr(config, key)]
+    if not long:
+        return
+    limit, (i, n) = getattr(config, key), long[0]
+    where = f"prompt {i} has {n} tokens" + (f" ({len(long)} prompts are too long: {[j for j, _ in long][:8]})"
+                                            if len(long) > 1 else "")
+    if spec_for(config).pos_embed:
+        raise ValueError(f"{where}, but the model has {limit} positions ({key}={limit} in its config, one learned "
+                         f"embedding each): shorten it to at most {limit} tokens, e.g. keep its last {limit}")
+    if warn:
+        warnings.warn(f"{where}, more than {key}={limit} in the model's config: its rotary positions go past the "
+                      f"length it was trained for, so its outputs and their attributions may be unreliable; "
+                      f"shorten it to at most {limit} tokens", stacklevel=3)
+
+
+def with_bos(tokenizer, ids: tuple[tuple[int, ...], ...], prepend: bool | None, *, from_text: bool):
+    """Each prompt's ids with its leading BOS token as ``prepend`` asks (see `Batch.of`)."""
+    bos = tokenizer.bos_token_id
+    if prepend is not None and not isinstance(prepend, bool):
+        raise TypeError(f"prepend_bos={prepend!r}: give True, False or None (the tokenizer's behaviour)")
+    if bos is None:
+        if prepend:
+            raise ValueError("prepend_bos=True, but this tokenizer has no BOS token: leave prepend_bos unset")
+        return ids
+    if prepend:
+        return tuple(row if row[:1] == (bos,) else (bos, *row) for row in ids)
+    if prepend is False:
+        return tuple(row[1:] if row[:1] == (bos,) and len(row) > 1 else row for row in ids)
+    lacking = [] if from_text else [i for i, row in enumerate(ids) if row[:1] != (bos,)]
+    if lacking and tokenizer("a")["input_ids"][:1] == [bos]:  # the tokenizer puts BOS before text
+        which = f"prompts {lacking[:8]} do" if len(lacking) > 1 else f"prompt {lacking[0]} does"
+        warnings.warn(f"{which} not start with the BOS token {tokenizer.bos_token!r}, which this tokenizer puts "
+                      f"before text (the model was most likely trained with it, and without it its numbers can "
+                      f"differ a lot): pass prepend_bos=True to add it, or prepend_bos=False to silence this",
+                      stacklevel=3)
+    return ids
+
+
+def _not_a_prompt(p, i: int | None = None) -> TypeError:
+    """A TypeError naming the prompt (``i``; None: the whole ``prompts`` argument), its type and the fix."""
+    what = "prompts" if i is None else f"prompt {i}"
+    if isinstance(p, (bytes, bytearray)):
+        return TypeError(f"{what} is {type(p).__name__} ({bytes(p[:40])!r}), not text: decode it first "
+                         f"(.decode('utf-8'))")
+    shown = "None" if p is None else f"{repr(p)[:40]} ({type(p).__name__})"
+    fix = _FORMS if i is None else "in a list, every prompt is text (a str), or every one a list of int token ids"
+    return TypeError(f"{what} is {shown}: {fix}")
+
+
 def as_prompts(prompts: Sequence[str] | str) -> list[str]:
     """One text prompt or many, as a non-empty list of non-empty strings."""
+    if prompts is None or isinstance(prompts, (bytes, bytearray, numbers.Number)) or not isinstance(prompts, Iterable):
+        raise _not_a_prompt(prompts)
     items = [prompts] if isinstance(prompts, str) else list(prompts)
     if not items:
         raise ValueError("no prompts given: pass a string or a list of strings")
     for i, p in enumerate(items):
         if not isinstance(p, str):
-            raise TypeError(f"prompt {i} is a {type(p).__name__}, not a string")
+            raise _not_a_prompt(p, i)
         if not p.strip():
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
     return items
@@ -219,6 +295,10 @@ def token_id(tokenizer, token: Token, *, role: str = "target") -> int:
     (GPT-2: ``" Mary"``).
     """
     vocab = len(tokenizer)
+    if isinstance(token, numbers.Real) and not isinstance(token, (bool, numbers.Integral)):  # 5.0, np.float32
+        if not float(token).is_integer():
+            raise ValueError(f"{role} id {token!r} is not a whole number: pass an int token id, or a token string")
+        token = int(token)
     if isinstance(token, numbers.Integral) and not isinstance(token, bool):  # numpy ints too
         token = int(token)
     if isinstance(token, bool) or not isinstance(token, (str, int)):
@@ -250,7 +330,7 @@ def token_ids(tokenizer, tokens: Token | Sequence[Token] | None, n: int, *, role
         return None
     if hasattr(tokens, "tolist"):  # a tensor or array of ids (0-d: one id for every prompt)
         tokens = tokens.tolist()
-    if isinstance(tokens, (str, numbers.Integral)):
+    if isinstance(tokens, (str, bytes, numbers.Number)):
         return (token_id(tokenizer, tokens, role=role),) * n
     tokens = list(tokens)
     if len(tokens) != n:
@@ -276,15 +356,20 @@ def _ids(tokenizer, prompts: Prompts) -> tuple[tuple[int, ...], ...]:
                              f"{tuple(prompts.shape)}; pass an encoding with its attention_mask for padded rows")
         rows = prompts[None] if prompts.ndim == 1 else prompts
         return tuple(tuple(row.tolist()) for row in rows) or _none()
-    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) and not isinstance(t, bool)
-                                                              for t in prompts):
-        return (tuple(prompts),)  # one prompt's ids
-    if not isinstance(prompts, str) and prompts and all(isinstance(p, (list, tuple)) for p in prompts):
+    if isinstance(prompts, (list, tuple)) and prompts and all(map(_is_id, prompts)):
+        return (tuple(map(int, prompts)),)  # one prompt's ids
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, (list, tuple)) for p in prompts):
         for i, row in enumerate(prompts):
-            if not row or not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
-                raise ValueError(f"prompt {i} must be a non-empty list of int token ids")
-        return tuple(tuple(row) for row in prompts)
+            if not row or not all(map(_is_id, row)):
+                bad = next((t for t in row if not _is_id(t)), None)
+                raise ValueError(f"prompt {i} must be a non-empty list of int token ids" +
+                                 ("" if bad is None else f"; it holds {bad!r} ({type(bad).__name__})"))
+        return tuple(tuple(map(int, row)) for row in prompts)
     return tuple(tuple(tokenizer(p)["input_ids"]) for p in as_prompts(prompts))
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def _none():
@@ -304,4 +389,4 @@ def _check_known(tokenizer, ids, texts) -> None:
             raise ValueError(f"prompt {i} has tokens not in the vocabulary: {words or row}")
 
 
-__all__ = ["Batch", "Prompts", "Token", "as_prompts", "token_id", "token_ids"]
+__all__ = ["Batch", "Prompts", "Token", "as_prompts", "check_length", "token_id", "token_ids"]

@@ -6,9 +6,13 @@
     nnattr logit-lens --model gpt2 --prompts-file prompts.txt --positions all
     python -m nnattr.recipes.attention_rollout --view flow      # the same, per recipe
 
-Exit status: 0 on success, 2 for a usage error (argparse names the problem), 1 when nnattr
-refuses the input (a multi-token target, an unknown word, ...): one ``error:`` line, no
-traceback. Without ``--prompt`` the built-in IOI example and its answers are used.
+Exit status: 0 on success, 2 for a usage error (argparse names the problem; an ``--out`` that is
+a file or cannot be written too, before anything runs), 1 when nnattr refuses the input (a
+multi-token target, an unknown word, ...): one ``error:`` line, no traceback. Without
+``--prompt`` the built-in IOI example and its answers are used. ``--target 42`` is the text
+"42"; a token id is ``--target-id 42`` (``--distractor-id``; an int in a prompts file). An
+``--out`` folder that already holds files of the names a command writes gets a ``warning:``
+line naming them, and they are overwritten.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import re
 import sys
 import typing
 from dataclasses import replace
 from pathlib import Path
 import types
+import warnings
 
 from .result import Attribution
 
@@ -118,11 +124,18 @@ def _common(p: argparse.ArgumentParser, *, answers: bool, distractor: bool = Tru
     given.add_argument("--prompts-file", type=Path, metavar="FILE",
                        help="one prompt per line, or JSON lines with clean/corrupted/answer/distractor")
     if answers:
-        p.add_argument(*(["--target", "--answer"] if pairs else ["--target"]), dest="target", metavar="TOKEN",
-                       help="answer token, e.g. ' Mary'" + (" (with --distractor: the default metric)" if pairs else
-                                                            " (default: the model's top prediction)"))
+        names = ["--target", "--answer"] if pairs else ["--target"]
+        target = p.add_mutually_exclusive_group()
+        target.add_argument(*names, dest="target", metavar="TOKEN",
+                            help="answer token, e.g. ' Mary'" + (" (with --distractor: the default metric)" if pairs
+                                                                 else " (default: the model's top prediction)"))
+        target.add_argument(*[f"{n}-id" for n in names], dest="target", type=_token_id, metavar="ID",
+                            help=f"the answer as a token id ({names[0]} 42 is the text '42')")
     if answers and distractor:
-        p.add_argument("--distractor", metavar="TOKEN", help="score target minus this token, e.g. ' John'")
+        other = p.add_mutually_exclusive_group()
+        other.add_argument("--distractor", metavar="TOKEN", help="score target minus this token, e.g. ' John'")
+        other.add_argument("--distractor-id", dest="distractor", type=_token_id, metavar="ID",
+                           help="the distractor as a token id")
     p.add_argument("--out", type=Path, default=None if out_default is None else Path(out_default), metavar="DIR",
                    help="folder for the results" + (f" (default {out_default})" if out_default else " (JSON + PNG)"))
     p.add_argument("--device", metavar="DEVICE",
@@ -130,6 +143,9 @@ def _common(p: argparse.ArgumentParser, *, answers: bool, distractor: bool = Tru
     p.add_argument("--batch-size", type=_positive, metavar="N",
                    help="prompts (pairs, for patching) per chunk: one forward pass, or one request on NDIF "
                         "(default: all at once on CPU and NDIF, what fits on a GPU)")
+    p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="put the BOS token first in every prompt (TransformerLens's default), or with "
+                        "--no-prepend-bos remove it (default: as the tokenizer does)")
     from .remote import add_cli_arguments
 
     add_cli_arguments(p)  # --remote, --ndif-host
@@ -245,6 +261,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _token_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token id (an int from 0), got {text!r}; "
+                                         f"give a token as text with --target / --distractor") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a token id (an int from 0), got {value}")
+    return value
+
+
 def _remote_options(args) -> dict:
     """Keyword arguments every recipe receives for local or remote execution: the one place
     where ``--remote`` and ``--ndif-host`` become recipe options (``nnattr.remote`` checks the
@@ -267,19 +294,30 @@ def _run(parser: argparse.ArgumentParser, argv) -> int:
         return 2
     _quiet_when_piped()
     try:
-        model = _load_model(args)
-        if args.recipe is None:
-            from .report import write_report
-
-            return write_report(model, **inputs, model_name=args.model, out=args.out, top=args.top,
-                                batch_size=args.batch_size, options=_remote_options(args))
-        return _run_recipe(args, model, inputs)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            return _main(args, inputs)
     except (ValueError, _remote_error()) as error:  # nnattr refusing the input, or NDIF saying why not
         sys.stderr.write(f"error: {error}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+
+
+def _main(args, inputs) -> int:
+    model = _load_model(args)
+    if args.recipe is None:
+        from .report import write_report
+
+        return write_report(model, **inputs, model_name=args.model, out=args.out, top=args.top,
+                            batch_size=args.batch_size, options=_remote_options(args))
+    return _run_recipe(args, model, inputs)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning on the command line: one ``warning:`` line (its text names the values), no source line."""
+    sys.stderr.write(f"warning: {message}\n")
 
 
 def _remote_error() -> type:
@@ -292,8 +330,7 @@ def _inputs(args) -> dict:
     """Prompts, corrupted prompts and answers from the flags, a file, or the built-in example."""
     if args.remote and args.device:
         raise UsageError("--device: a --remote model runs on NDIF's devices, not on a local one")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out: {args.out} is a file; give a folder (it is created if missing)")
+    _check_out(args)
     corrupted = getattr(args, "corrupted", None)
     target, distractor = getattr(args, "target", None), getattr(args, "distractor", None)
     if args.prompts_file is not None:
@@ -323,6 +360,38 @@ def _inputs(args) -> dict:
     return {"prompts": prompts, "corrupted": corrupted, "target": target, "distractor": distractor}
 
 
+def _check_out(args) -> None:
+    """Refuse an ``--out`` that cannot be a writable folder before anything runs, and say which
+    files already there this command will overwrite."""
+    out = args.out
+    if out is None:
+        return
+    found = next(p for p in (out, *out.parents) if p.exists())  # out, or the folder it would be made in
+    if not found.is_dir():
+        raise UsageError(f"--out: {found} is a file; give a folder (it is created if missing)" if found == out else
+                         f"--out: {found} is a file, so {out} cannot be made in it; give another folder")
+    if not os.access(found, os.W_OK | os.X_OK):
+        raise UsageError(f"--out: {found} is not writable" + ("" if found == out else f", so {out} cannot be made "
+                                                             f"in it") + "; give a folder you can write to")
+    if found != out:
+        return
+    if args.recipe is None:  # the report: its page, its data and its figures
+        clash = [p.name for p in out.iterdir() if p.name in ("index.html", "results.json") or p.suffix == ".png"]
+    else:
+        name = _out_name(args.recipe)
+        clash = [p.name for p in out.iterdir() if p.name in (f"{name}.json", f"{name}.png")
+                 or (p.name.startswith(f"{name}_") and p.suffix == ".png")]
+    if clash:
+        clash.sort()
+        shown = ", ".join(clash[:6]) + (f" and {len(clash) - 6} more" if len(clash) > 6 else "")
+        sys.stderr.write(f"warning: --out {out} already holds {shown}: files of the same name are overwritten\n")
+
+
+def _out_name(module: types.ModuleType) -> str:
+    """The stem of the files a recipe command writes to ``--out``: its file's name."""
+    return Path(module.__file__).stem if getattr(module, "__file__", None) else "result"
+
+
 def _read_prompts(path: Path):
     """Prompts (and, from JSON lines, corrupted prompts and answers) from a file."""
     if not path.is_file():
@@ -344,9 +413,12 @@ def _read_prompts(path: Path):
         found = next((k for k in keys if isinstance(rows[0], dict) and k in rows[0]), None)
         if found is None:
             continue
+        ids = name in ("target", "distractor")  # an answer may be a token id: an int
         for i, row in enumerate(rows):
-            if not isinstance(row, dict) or not isinstance(row.get(found), str):
-                raise UsageError(f"--prompts-file: line {i + 1} of {path} has no {found!r} text")
+            value = row.get(found) if isinstance(row, dict) else None
+            if not (isinstance(value, str) or (ids and isinstance(value, int) and not isinstance(value, bool))):
+                raise UsageError(f"--prompts-file: line {i + 1} of {path} has no {found!r} text"
+                                 + (" or token id" if ids else ""))
         fields[name] = [row[found] for row in rows]
     if fields.get(key) is None:
         raise UsageError(f"--prompts-file: {path} needs a 'clean' or 'prompt' field on every line")
@@ -373,9 +445,10 @@ def _load_model(args):
         raise ValueError(f"no model folder at {args.model!r}")
     source = str(Path(args.model).expanduser()) if args.model.startswith("~") else args.model
     try:
-        return nnattr.load(source, **kwargs)
+        return nnattr.load(source, prepend_bos=getattr(args, "prepend_bos", None), **kwargs)
     except (OSError, ValueError) as error:  # Hub and transformers errors: their first line says it
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first.removeprefix(f"model {args.model!r}: ")  # nnattr.load's own errors name it too
         raise ValueError(f"could not load model {args.model!r}: {first}") from None
 
 
@@ -391,7 +464,7 @@ def _run_recipe(args, model, inputs) -> int:
     results = result if isinstance(result, dict) else {None: result}  # patching: one result per node type
     print("\n\n".join(format_table(r, args.top) for r in results.values()))
     if args.out is not None:
-        name = Path(module.__file__).stem if getattr(module, "__file__", None) else "result"
+        name = _out_name(module)
         args.out.mkdir(parents=True, exist_ok=True)
         data = {"command": args.parser.prog, "model": args.model}
         if None in results:
@@ -406,8 +479,9 @@ def _run_recipe(args, model, inputs) -> int:
 
 
 def format_table(result, k: int = 10) -> str:
-    """A short plain-text table of a result's top entries (by magnitude), with its title."""
-    from .plotting import describe
+    """A short plain-text table of a result's top entries (by magnitude), with its title; the
+    value column is headed by the unit, labels and numbers as in the report (``L1H0``, ``+7.65``)."""
+    from .plotting import describe, entry_label, number
 
     single = result.single()
     title = " · ".join(describe(single)[0].splitlines())  # says "mean over n prompts" for several
@@ -419,20 +493,23 @@ def format_table(result, k: int = 10) -> str:
         labels = {d: single.labels[d] for d in dims}
         single = replace(single, values=single.values[..., -1, :], dims=dims, labels=labels)
         lines[0] += " · last query token"
-    join = "".join if single.dims == ("layer", "head") else " ".join  # L3H7
-    rows = [(join(labels), value) for labels, value in single.top(k)]  # top() skips NaN (not computed)
+    rows = [(entry_label(single, labels), number(value)) for labels, value in single.top(k)]  # top() skips NaN
     width = max([len(" ".join(single.dims))] + [len(label) for label, _ in rows])
-    lines.append(f"  {'#':>3}  {' '.join(single.dims):<{width}}  value")
-    lines += [f"  {i:>3}  {label:<{width}}  {value:+.4g}" for i, (label, value) in enumerate(rows, 1)]
+    digits = max([len(value) for _, value in rows], default=0)
+    lines.append(f"  {'#':>3}  {' '.join(single.dims):<{width}}  {single.units}")
+    lines += [f"  {i:>3}  {label:<{width}}  {value:>{digits}}" for i, (label, value) in enumerate(rows, 1)]
     return "\n".join(lines)
 
 
 def _lens_rows(lens) -> list[str]:
+    from .plotting import number
+
     top, probs = lens.meta["top_tokens"], lens.meta.get("top_probs")
-    out = [f"  {'layer':<6}  top predictions at the last position"]
+    out = [f"  {'layer':<6}  top predictions at the last position" + " (probability)" * bool(probs)]
     for i, layer in enumerate(lens.labels["layer"]):
         cells = [
-            f"{t!r} {probs[i][-1][j]:.2f}" if probs else repr(t) for j, t in enumerate(top[i][-1][:3])
+            f"{t!r} {number(probs[i][-1][j], signed=False)}" if probs else repr(t)
+            for j, t in enumerate(top[i][-1][:3])
         ]
         out.append(f"  {layer:<6}  " + ", ".join(cells))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ def load(
     tokenizer: Any = None,
     *,
     attn_implementation: str = PROBABILITY_ATTENTION,
+    prepend_bos: bool | None = None,
     **kwargs: Any,
 ):
     """An ``nnsight.TransformersModel`` with nnattr's architecture-neutral aliases.
@@ -24,8 +26,11 @@ def load(
     (``"meta-llama/Llama-3.1-70B"``; loaded lazily, so a hosted model never materialises
     locally for ``remote=True``), or an already-built ``PreTrainedModel`` (then pass its
     ``tokenizer``). Eager attention is the default because rollout, flow and head-by-position
-    DLA need attention probabilities, which sdpa does not return. Extra keyword arguments go
-    to ``from_pretrained`` (``dtype=``, ``device_map=``, ``revision=`` ...).
+    DLA need attention probabilities, which sdpa does not return. ``prepend_bos`` is every
+    recipe's default for this model (`nnattr.batch.Batch.of`): None follows the tokenizer (GPT-2's
+    adds no BOS, Llama's does), True puts BOS first as TransformerLens does by default, False
+    removes it. Extra keyword arguments go to ``from_pretrained`` (``dtype=``, ``device_map=``,
+    ``revision=`` ...).
 
     >>> import nnattr
     >>> model = nnattr.load("tiny-ioi")
@@ -51,13 +56,13 @@ def load(
                 stacklevel=2,
             )
             model.set_attn_implementation(attn_implementation)
-        return nnsight.TransformersModel(model, tokenizer=tokenizer, rename=spec.rename())
+        return _with_bos(nnsight.TransformersModel(model, tokenizer=tokenizer, rename=spec.rename()), prepend_bos)
 
     if not isinstance(model, (str, Path)):
         raise TypeError(
             f"model must be a name, a folder, a repo id or a PreTrainedModel, got {type(model).__name__}"
         )
-    source = _resolve(str(model))
+    source = _resolve(str(model), path=isinstance(model, Path))
     config = AutoConfig.from_pretrained(source, **_config_kwargs(kwargs))
     spec = spec_for(config)  # refuse an unsupported architecture before loading any weights
     if Path(source).is_dir():
@@ -67,16 +72,40 @@ def load(
 
         hf = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
         return load(hf.eval(), tokenizer or AutoTokenizer.from_pretrained(source),
-                    attn_implementation=attn_implementation)
+                    attn_implementation=attn_implementation, prepend_bos=prepend_bos)
     kwargs.setdefault("attn_implementation", attn_implementation)
-    return nnsight.TransformersModel(source, tokenizer=tokenizer, rename=spec.rename(), **kwargs)
+    return _with_bos(nnsight.TransformersModel(source, tokenizer=tokenizer, rename=spec.rename(), **kwargs),
+                     prepend_bos)
 
 
-def _resolve(name: str) -> str:
+def _with_bos(model, prepend_bos: bool | None):
+    """The model, remembering its ``prepend_bos`` for `nnattr.batch.Batch.of`."""
+    if prepend_bos is not None and not isinstance(prepend_bos, bool):
+        raise TypeError(f"prepend_bos={prepend_bos!r}: give True, False or None (the tokenizer's behaviour)")
+    model._nnattr_prepend_bos = prepend_bos
+    return model
+
+
+def _resolve(name: str, *, path: bool = False) -> str:
+    """An embedded model's folder, a local folder, or a repo id for the Hub; a name that can only
+    be a path and is no folder, or a near miss of an embedded name, is refused without the network."""
     from . import embedded
 
     if name in embedded.MODELS:
         return str(embedded.path(name))
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return str(folder)
+    known = ", ".join(repr(m) for m in sorted(embedded.MODELS))
+    if path or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or folder.exists():
+        what = "is a file, not a folder" if folder.exists() else f"no such folder ({folder.absolute()})"
+        raise FileNotFoundError(f"model {name!r}: {what}. A local model is a folder holding config.json and the "
+                                f"weights; a Hugging Face repo id looks like 'org/name'; embedded models: {known}")
+    lower = {m.lower(): m for m in embedded.MODELS}  # a near miss: tiny-iio, Tiny_IOI
+    close = [] if "/" in name else [lower[m] for m in difflib.get_close_matches(name.lower(), lower, n=3, cutoff=0.75)]
+    if close:
+        raise ValueError(f"model {name!r}: no such model; did you mean the embedded {' or '.join(map(repr, close))}? "
+                         f"(a Hugging Face repo id looks like 'org/name'; a local folder like './my-model')")
     return name
 
 

@@ -12,10 +12,18 @@ mlp_pos
 head        one head's slice of the output projection input ``[prompt, layer, head]``
 head_pos    the same, one position at a time                ``[prompt, layer, head, position]``
 ==========  ==============================================  ===================================
+
+Degenerate pairs are refused or flagged: a pair whose clean and corrupted prompts are the same
+tokens changes nothing when patched (an error when every pair is, a warning naming the pairs
+when some are); a metric that is NaN or infinite for a pair is an error naming the pairs (on
+random logits before any trace, on the real runs once they are done); and activation patching
+warns where a pair's gap ``|clean - corrupted|`` is under ``MIN_GAP * max(1, |clean|,
+|corrupted|)``, because its recovered fraction divides by that gap.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
@@ -30,6 +38,9 @@ NODES: tuple[str, ...] = Node.__args__
 DEFAULT_NODES = ("resid", "attn", "mlp", "head")
 SITES = ("resid", "head", "attn", "mlp")  # where node types are read, in forward order within a layer
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, pos, vocab] -> [batch]
+#: Activation patching warns where |clean - corrupted| < MIN_GAP * max(1, |clean|, |corrupted|):
+#: 2% of the metric's size, and at least 0.02 metric units (logits, for the logit difference).
+MIN_GAP = 0.02
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,10 @@ class Pairs:
         """Rows: the clean prompts of pairs ``clean``, then the corrupted prompts of pairs ``corrupted``."""
         a, b = self.clean.inputs, self.corrupted.inputs
         return {k: torch.cat([a[k][list(clean)], b[k][list(corrupted)]]) for k in a}
+
+    def identical(self) -> list[int]:
+        """The pairs whose clean and corrupted prompts are the same tokens: patching changes nothing."""
+        return [i for i, (x, y) in enumerate(zip(self.clean.ids, self.corrupted.ids)) if x == y]
 
     def overlap(self) -> torch.Tensor:
         """``[pair, position]`` bool: the positions both prompts have, aligned at the last token."""
@@ -115,6 +130,7 @@ class Pairs:
         from values per site, ``{"head": ...}``, summed over positions for node types without them)
         with positions spanning the common width; they are cut to the corrupted prompts (the
         result's tokens), and positions outside a pair's overlap are NaN. ``metrics``: ``[2, pair]``."""
+        self.check_metrics(metrics, recovery=method == "activation_patching")
         width, n = max(self.corrupted.lengths), self.arch.n_layers
         outside = ~self.overlap()[:, -width:]  # [pair, position]
         labels = {"prompt": list(self.clean.labels), "layer": [f"L{i}" for i in range(n)],
@@ -137,6 +153,33 @@ class Pairs:
                 metric=self.clean.metric() if self.metric is None else "custom metric", meta=dict(meta or {}),
                 per_prompt=per_prompt, tokens=self.corrupted.tokens)
         return out
+
+    def check_metrics(self, metrics: torch.Tensor, *, recovery: bool) -> None:
+        """Refuse pairs whose metric (``[clean / corrupted, pair]``) is NaN or infinite; with
+        ``recovery``, warn where the clean - corrupted gap is too small to divide by (`MIN_GAP`)."""
+        clean, corrupted = metrics.double()
+        bad = [i for i in range(len(self)) if not (clean[i].isfinite() and corrupted[i].isfinite())]
+        if bad:
+            i = bad[0]
+            fix = "make your metric finite on these logits (a log of 0? a 0/0?)" if self.metric is not None else \
+                "the model's logits are not finite (a float16 overflow? load it with dtype=torch.float32)"
+            raise ValueError(f"the metric is NaN or infinite for pairs {bad[:10]} of {len(self)} (pair {i}: clean "
+                             f"{clean[i].item():.4g}, corrupted {corrupted[i].item():.4g}), so every score of those "
+                             f"pairs would be too: {fix}")
+        if not recovery:
+            return
+        gap, floor = (clean - corrupted).abs(), MIN_GAP * torch.maximum(clean.abs().maximum(corrupted.abs()),
+                                                                         torch.ones_like(clean))
+        same = set(self.identical())  # already warned about in `pairs`
+        small = [i for i in range(len(self)) if gap[i] < floor[i] and i not in same]
+        if small:
+            i = small[0]
+            warnings.warn(
+                f"pairs {small[:10]} ({len(small)} of {len(self)}): the clean - corrupted metric gap is too small to "
+                f"divide by (pair {i}: clean {clean[i].item():.4g}, corrupted {corrupted[i].item():.4g}, gap "
+                f"{gap[i].item():.3g} < {floor[i].item():.3g} = {MIN_GAP} × max(1, |clean|, |corrupted|)), so their "
+                f"recovered fractions (patched - corrupted) / (clean - corrupted) are noise: choose corrupted prompts "
+                f"that move the metric more, or read attribution patching's scores (metric units)", stacklevel=4)
 
 
 def positional(node: str) -> bool:
@@ -197,6 +240,7 @@ def pairs(model, clean, corrupted, answer, distractor, *, metric, nodes, align) 
     if metric is not None:
         _check_metric(metric, a.arch.d_vocab)
     per_position = [t for t in nodes if positional(t)]
+    _check_different(a, b)
     for i, (x, y) in enumerate(zip(a.lengths, b.lengths)):
         if x != y and per_position and align is None:
             raise ValueError(
@@ -208,6 +252,20 @@ def pairs(model, clean, corrupted, answer, distractor, *, metric, nodes, align) 
     return Pairs(replace(a, width=width), replace(b, width=width), metric, nodes)
 
 
+def _check_different(clean: Batch, corrupted: Batch) -> None:
+    """Refuse pairs whose two prompts are the same tokens when every pair is; warn when some are."""
+    same = [i for i, (x, y) in enumerate(zip(clean.ids, corrupted.ids)) if x == y]
+    if not same:
+        return
+    what = (f"the clean and corrupted prompts are the same tokens ({clean.labels[same[0]][:60]!r}), so patching "
+            f"changes nothing (attribution patching scores 0, activation patching's recovery is 0/0 = NaN)")
+    if len(same) == len(clean):
+        where = "pair 0" if len(same) == 1 else f"every pair ({len(same)})"
+        raise ValueError(f"{where}: {what}: give a corrupted prompt that differs from the clean one")
+    warnings.warn(f"pairs {same[:10]} ({len(same)} of {len(clean)}): {what} for these pairs; give corrupted "
+                  f"prompts that differ", stacklevel=4)
+
+
 def _check_metric(metric, vocab: int) -> None:
     probe = torch.randn(2, 3, vocab, requires_grad=True)  # [batch, pos, vocab]
     value = metric(probe)
@@ -215,6 +273,9 @@ def _check_metric(metric, vocab: int) -> None:
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"metric must map logits [batch, pos, vocab] to one value per row [batch]; "
                          f"for logits (2, 3, {vocab}) it returned {got}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"metric returned {value.tolist()} for random logits (2, 3, {vocab}): it must give a finite "
+                         f"number per row (a log of 0, a 0/0?)")
     if not value.requires_grad or torch.autograd.grad(value.sum(), probe, allow_unused=True)[0] is None:
         raise ValueError("metric does not depend on the logits it is given, so it has no gradient to attribute: "
                          "compute it from the logits argument (e.g. logits[:, -1, answer] - logits[:, -1, other])")

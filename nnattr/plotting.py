@@ -72,8 +72,10 @@ def plot(attr, ax=None, **kw) -> Figure:
 
 
 def describe(attr) -> tuple[str, str]:
-    """``(title, unit)`` of a result: its title, then the metric and how prompts were combined."""
-    details = [f"metric: {attr.metric}"] if attr.metric else []
+    """``(title, unit)`` of a result: its title, then the metric (or, for values that are
+    recovered fractions, what they are a fraction of) and how prompts were combined."""
+    details = [(f"recovered fraction of the metric {attr.metric}: (patched − corrupted) / (clean − corrupted)"
+                if attr.units == "recovered fraction" else f"metric: {attr.metric}")] if attr.metric else []
     details += [text for text in (read_at(attr), over_prompts(attr)) if text]
     return attr.title + ("\n" + " · ".join(details) if details else ""), attr.units
 
@@ -97,6 +99,41 @@ def over_prompts(attr) -> str:
         return ""
     aligned = " (positions counted from the last token)" if attr.meta.get("positions_from") == "end" else ""
     return f"{attr.meta.get('statistic', 'mean')} over {n} prompts{aligned}"
+
+
+def number(value: float, *, signed: bool = True) -> str:
+    """One number as every table writes it: 3 significant figures (``+24.1``, ``-0.968``,
+    ``+1.00``), scientific below 0.001 and from 1000 on (``+1.23e-05``); "nan" for NaN."""
+    value = float(value)
+    if not math.isfinite(value):
+        return "nan" if math.isnan(value) else f"{value:{'+' if signed else ''}}"
+    sign = "+" if signed else ""
+    if value == 0:
+        return "0"
+    value = float(f"{value:.3g}")  # rounded first, so 9.996 is +10.0, not +10.00
+    if not 1e-3 <= abs(value) < 1e3:
+        return f"{value:{sign}.2e}"
+    return f"{value:{sign}.{max(0, 2 - math.floor(math.log10(abs(value))))}f}"
+
+
+def entry_label(attr, labels) -> str:
+    """One entry's name, in the one format every table uses: ``L1H0`` for a head, ``L1 attn`` /
+    ``L1 mlp`` / ``L1 resid`` for a patching node of a layer, then any other label (``L1
+    rollout_entropy``, ``1_attn_out``), with ``@`` and the position last (``L1H0@10:John``, ``L0
+    resid@-5``). ``labels``: one per dimension of ``attr`` other than ``prompt``, in order."""
+    at = dict(zip([d for d in attr.dims if d != "prompt"], labels))
+    position = next((at.pop(d) for d in ("position", "key", "query") if d in at), None)
+    name = []
+    if "layer" in at:
+        layer = at.pop("layer")
+        if "head" in at:
+            name.append(layer + at.pop("head"))
+        elif attr.method in _PATCHING and attr.by:
+            name.append(f"{layer} {attr.by.removesuffix('_pos')}")
+        else:
+            name.append(layer)
+    name = " ".join(name + list(at.values()))
+    return f"{name}@{position}" if name and position is not None else name or str(position)
 
 
 def _np(values) -> np.ndarray:
@@ -420,4 +457,4 @@ def _strip(a, rows: np.ndarray, names: list[str], ax, *, total=None, title=None,
     return fig
 
 
-__all__ = ["plot", "describe", "DIVERGING", "SEQUENTIAL"]
+__all__ = ["plot", "describe", "entry_label", "number", "DIVERGING", "SEQUENTIAL"]

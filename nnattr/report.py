@@ -7,6 +7,11 @@ attribution patching with exact activation patching of its top candidates and a 
 of the estimate. The folder holds ``index.html`` (figures linked relatively, tables, what each
 section shows), one PNG per figure, and ``results.json`` with every number.
 
+Progress: on a terminal and in a notebook, a bar names the section running (and, in the
+recipes, the chunks of a batch run in several); when stderr is piped or captured (CI logs,
+pytest) nothing is drawn. ``nnattr report`` ends with one line: where the report is, and
+the sections that failed, if any (exit status 1).
+
 >>> import nnattr
 >>> from nnattr.report import build
 >>> report = build(nnattr.load("tiny-ioi"), ["When Mary and John went to the store, John gave a drink to"],
@@ -16,6 +21,7 @@ section shows), one PNG per figure, and ``results.json`` with every number.
 
 from __future__ import annotations
 
+import collections
 import html
 import importlib.util
 import json
@@ -23,10 +29,13 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .batch import Batch
+from .plotting import entry_label, number
+from .result import POSITION_DIMS
+from .runner import show_progress
 
 PATCHING_MODULES = ("nnattr.recipes.attribution_patching", "nnattr.recipes.activation_patching", "nnattr.validation")
 
@@ -63,8 +72,14 @@ def write_report(model, prompts, corrupted=None, target=None, distractor=None, *
     for s in report.sections:
         if s.status != "ok":
             print(f"  {s.title}: {s.status} ({s.note})", file=sys.stderr)
-    print(f"report written to {report.out / 'index.html'} ({len(report.sections)} sections)")
-    return 1 if report.failed else 0
+    page, n = report.out / "index.html", len(report.sections)
+    if report.failed:
+        names = ", ".join(s.key for s in report.failed)
+        print(f"report written to {page}, but {len(report.failed)} of {n} sections failed: {names}")
+        return 1
+    missing = [s.key for s in report.sections if s.status != "ok"]
+    print(f"report written to {page} ({n} sections" + (f"; unavailable: {', '.join(missing)})" if missing else ")"))
+    return 0
 
 
 def build(model, prompts, *, corrupted=None, target=None, distractor=None, out="nnattr-report",
@@ -82,24 +97,36 @@ def build(model, prompts, *, corrupted=None, target=None, distractor=None, out="
     prompts = list(batch.labels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = dict(model=model, prompts=batch, target=None, distractor=None, out=out,
-               options={"batch_size": batch_size, **(options or {})}, cache={})
-    sections = [
-        _section("dla_component", "Direct logit attribution by component", _dla_component, run),
-        _section("dla_head", "Direct logit attribution by head", _dla_head, run),
-        _section("head_attribution", "Head attribution (gradient × activation)", _head_attribution, run),
-        _section("logit_lens", "Logit lens", _logit_lens, run),
-        _section("rollout", "Attention rollout", _rollout, run),
-        _section("patching", "Attribution patching, confirmed by exact patching", _patching, run,
-                 corrupted=corrupted, top=top),
+    plan = [
+        ("dla_component", "Direct logit attribution by component", _dla_component, {}),
+        ("dla_head", "Direct logit attribution by head", _dla_head, {}),
+        ("head_attribution", "Head attribution (gradient × activation)", _head_attribution, {}),
+        ("logit_lens", "Logit lens", _logit_lens, {}),
+        ("rollout", "Attention rollout", _rollout, {}),
+        ("patching", "Attribution patching, confirmed by exact patching", _patching,
+         {"corrupted": corrupted, "top": top}),
     ]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(plan), desc=f"[1/{len(plan)}] {plan[0][1]}", unit="section", leave=False,
+               disable=not show_progress())
+    run = dict(model=model, prompts=batch, target=None, distractor=None, out=out,
+               options={"batch_size": batch_size, **(options or {})}, cache={}, progress=bar)
+    sections = []
+    for i, (key, title, fn, kw) in enumerate(plan, 1):
+        bar.set_description(f"[{i}/{len(plan)}] {title}")
+        sections.append(_section(key, title, fn, run, **kw))
+        bar.update()
+    bar.close()
     d = dims(model)
     header = {
         "nnattr": __version__, "model": model_name or getattr(model.config, "_name_or_path", "model"),
         "architecture": f"{model.config.model_type}: {d.n_layers} layers × {d.n_heads} heads, d_model {d.d_model}",
         "prompts": prompts, "corrupted": None if corrupted is None else list(corrupted.labels),
         "target": target, "distractor": distractor,
-        "tokens": list(batch.tokens[0]),
+        "metric": next((r["metric"] for s in sections for r in s.results.values()  # as the results say it
+                        if isinstance(r, dict) and r.get("metric") and r.get("method") != "logit_lens"), None),
+        "tokens": [list(t) for t in batch.tokens],  # per prompt
         "seconds": round(time.perf_counter() - started, 2),
     }
     report = Report(out, header, sections)
@@ -132,9 +159,43 @@ def _figure(section: Section, out: Path, name: str, attr, **kw) -> None:
 
 
 def _top_rows(attr, k: int, *columns) -> list[list[str]]:
-    single = attr.single()
-    join = "".join if single.dims == ("layer", "head") else " ".join  # L3H7, as everywhere else
-    return [[join(labels), f"{value:+.3f}", *(c(labels) for c in columns)] for labels, value in single.top(k)]
+    single = attr.single()  # L3H7 and 3 significant figures, as in the command's tables
+    return [[entry_label(single, labels), number(value), *(c(labels) for c in columns)]
+            for labels, value in single.top(k)]
+
+
+def _aligned(attr):
+    """The mean over prompts with positions counted from each prompt's last token, saying so:
+    each position is labelled by its offset and the token there when every prompt has the same
+    one (else how many tokens it mixes), with ``n=`` the prompts that reach back that far when
+    fewer than all. The same as ``attr.single()`` for one prompt."""
+    if len(attr) == 1:
+        return attr.single()
+    mean, width, n = attr.mean(align="end"), max(attr.lengths), len(attr)
+    names = []
+    for j in range(width):
+        seen = [t[j - width + len(t)] for t in attr.tokens if len(t) >= width - j]  # [prompts that have it]
+        kinds = set(seen)
+        word = (next(iter(kinds)).strip() or repr(next(iter(kinds)))) if len(kinds) == 1 else f"[{len(kinds)} tokens]"
+        names.append(f"{j - width} {word}" + (f" n={len(seen)}" if len(seen) < n else ""))
+    return replace(mean, labels={d: names if d in POSITION_DIMS else mean.labels[d] for d in mean.dims})
+
+
+def _aligned_text(n: int, figure: str = "the figure") -> str:
+    """What an `_aligned` figure shows, in words ("" for one prompt)."""
+    return "" if n == 1 else (
+        f" With {n} prompts {figure} shows their mean, positions counted back from each prompt's last token "
+        f"(the labels -1, -2, ...), so a column averages different tokens wherever the prompts differ: its label "
+        f"names the token only where all {n} share it, else says how many different tokens it mixes "
+        f"(<code>[3 tokens]</code>), and <code>n=</code> counts the prompts long enough to reach it when not all are.")
+
+
+def _tally(words, shown: int = 4) -> str:
+    """``"' Mary' ×120, ' John' ×80"``: the most common first, then ``… and 3 more (5 prompts)``."""
+    counts = collections.Counter(words).most_common()
+    text = ", ".join(f"{w!r} ×{c}" for w, c in counts[:shown])
+    rest = counts[shown:]
+    return text + (f", … and {len(rest)} more ({sum(c for _, c in rest)} prompts)" if rest else "")
 
 
 def _metric_html(attr) -> str:
@@ -146,7 +207,7 @@ def _dla_component(section, *, model, prompts, target, distractor, out, options,
 
     result = dla.run(model, prompts, target, distractor, by="component", **options)
     _figure(section, out, "dla_component.png", result)
-    section.tables.append((["component", "direct effect"], _top_rows(result, 6)))
+    section.tables.append((["component", result.units], _top_rows(result, 6)))
     section.results["dla_component"] = result.to_dict()
     metric = _metric_html(result)
     section.text = (
@@ -163,7 +224,7 @@ def _dla_head(section, *, model, prompts, target, distractor, out, options, cach
     heads = cache["dla_head"] = dla.run(model, prompts, target, distractor, by="head", **options)
     _figure(section, out, "dla_head.png", heads)
     section.results["dla_head"] = heads.to_dict()
-    section.tables.append((["head", "direct effect"], _top_rows(heads, 8)))
+    section.tables.append((["head", heads.units], _top_rows(heads, 8)))
     section.text = (
         f"The attention bars above, split per head (layer × head), in units of <b>{_metric_html(heads)}</b>. "
         f"In IOI, heads that copy the indirect object's name to the output (name movers) are strongly "
@@ -173,7 +234,11 @@ def _dla_head(section, *, model, prompts, target, distractor, out, options, cach
     except ValueError as error:  # e.g. a model without attention probabilities
         section.note = f"per source position unavailable: {error}"
         return
-    _figure(section, out, "dla_head_position.png", positions)
+    n = len(positions)
+    if n > 1:  # one prompt with its own tokens, then the mean, which says how it aligns prompts
+        first = replace(positions[0], title=f"{positions.title}: prompt 1 of {n}")
+        _figure(section, out, "dla_head_position_prompt1.png", first)
+    _figure(section, out, "dla_head_position.png", _aligned(positions))
     section.results["dla_head_position"] = positions.to_dict()
     section.text += (
         " The strip below splits each head's direct effect by the source token it reads from "
@@ -181,6 +246,8 @@ def _dla_head(section, *, model, prompts, target, distractor, out, options, cach
         "largest totals. A head that reads the indirect object's name and raises the metric copies that "
         "name (a name mover); one that reads the repeated subject and raises the metric suppresses the "
         "subject.")
+    if n > 1:
+        section.text += " The first strip is prompt 1 alone, over its own tokens." + _aligned_text(n, "the second")
 
 
 def _head_attribution(section, *, model, prompts, target, distractor, out, options, cache, **_):
@@ -193,11 +260,12 @@ def _head_attribution(section, *, model, prompts, target, distractor, out, optio
 
     def dla_of(labels):
         layer, head = direct.labels["layer"].index(labels[0]), direct.labels["head"].index(labels[1])
-        return f"{float(direct.values[layer, head]):+.3f}"
+        return number(direct.values[layer, head])
 
     _figure(section, out, "head_attribution.png", result)
     section.results["head_attribution"] = result.to_dict()
-    section.tables.append((["head", "gradient × activation", "direct effect (DLA)"], _top_rows(result, 8, dla_of)))
+    section.tables.append((["head", f"gradient × activation: {result.units}", f"DLA: {direct.units}"],
+                           _top_rows(result, 8, dla_of)))
     section.text = (
         f"For each head, the gradient of <b>{_metric_html(result)}</b> with respect to the head's output, "
         f"times that output, summed over positions: a first-order estimate of how much the metric would "
@@ -210,44 +278,58 @@ def _logit_lens(section, *, model, prompts, target, out, options, **_):
     from .recipes import logit_lens as ll
 
     result = ll.run(model, prompts, target, positions="all", **options)
-    _figure(section, out, "logit_lens.png", result)
+    _figure(section, out, "logit_lens.png", _aligned(result))
     section.results["logit_lens"] = result.to_dict()
     one = result.single()
     values = one.values.detach()  # [layer, position]
     top, probs, ranks = (one.meta.get(k) for k in ("top_tokens", "top_probs", "target_rank"))
     if isinstance(top, list):
-        rows = [[layer, ", ".join(f"{t.strip()!r} {p:.2f}" for t, p in zip(top[i][-1][:3], probs[i][-1][:3])),
-                 f"{float(values[i, -1]):.3f}", str(int(ranks[i][-1]) + 1)]
+        rows = [[layer, ", ".join(f"{t.strip()!r} {number(p, signed=False)}" for t, p in zip(top[i][-1][:3],
+                                                                                          probs[i][-1][:3])),
+                 number(values[i, -1], signed=False), str(int(ranks[i][-1]) + 1)]
                 for i, layer in enumerate(one.labels["layer"])]
-        section.tables.append((["residual after", "top 3 at the last position", "P(target)", "target rank"], rows))
+        section.tables.append((["residual after", "top 3 at the last position (probability)", "P(target)",
+                                "target rank"], rows))
         section.results["prediction"] = [[t, p] for t, p in zip(top[-1][-1], probs[-1][-1])]
+    else:  # several prompts: at each one's last token, where the target is
+        top, ranks, n = result.per_prompt["top_tokens"], result.per_prompt["target_rank"], len(result)
+        rows = [[layer, number(values[i, -1], signed=False),
+                 f"{sum(r[i][-1] == 0 for r in ranks)} of {n}", _tally([t[i][-1][0].strip() for t in top], 3)]
+                for i, layer in enumerate(one.labels["layer"])]
+        section.tables.append((["residual after", f"P(target), mean over {n} prompts", "target on top",
+                                "top prediction (prompts)"], rows))
     section.text = (
         "Each row decodes the residual stream after one layer with the model's own final norm and "
-        "unembedding, as if the model stopped there (nostalgebraist 2020). Each cell shows the top "
-        "prediction for the next token after reading up to that position (bold: it is the expected next "
-        "token); the colour is the probability of the expected token, which at the last position is the "
-        "target. Read the last column from the bottom up to see at which layer the answer appears.")
+        "unembedding, as if the model stopped there (nostalgebraist 2020). " + (
+            "Each cell shows the top prediction for the next token after reading up to that position (bold: it "
+            "is the expected next token); the colour is the probability of the expected token, which at the last "
+            "position is the target. Read the last column from the bottom up to see at which layer the answer "
+            "appears." if len(result) == 1 else
+            "The colour is the probability of the expected next token (at the last position, the target). The "
+            "table reads each prompt at its own last token: per layer, the target's mean probability, in how "
+            "many prompts it is the top prediction, and the top predictions." + _aligned_text(len(result))))
 
 
 def _rollout(section, *, model, prompts, out, options, **_):
     from .recipes import attention_rollout as ar
 
     result = ar.run(model, prompts, **options)
-    _figure(section, out, "rollout.png", result)
+    last = _aligned(result)  # [query, key]: one prompt, or the mean aligned at the last token
+    _figure(section, out, "rollout.png", last)
     section.results["rollout"] = result.to_dict()
-    last = result.single()
     rows = sorted(zip(last.labels["key"], last.values[-1].tolist()), key=lambda kv: -kv[1])[:6]
-    section.tables.append((["input token", "share of the last token's representation"],
-                           [[k, f"{v:.3f}"] for k, v in rows]))
+    mean = f", mean over {len(result)} prompts" if len(result) > 1 else ""
+    section.tables.append((["input token", f"share of the last token's representation ({result.units}{mean})"],
+                           [[k, number(v, signed=False)] for k, v in rows]))
     section.text = (
         "How much each token's final representation traces back to each input token: the head-averaged "
         "attention of every layer, mixed half-and-half with the identity for the residual stream, "
         "multiplied through the layers (Abnar &amp; Zuidema 2020). Rows sum to 1. A rough map of "
         "information flow: it ignores value vectors and MLPs, and mass piles up on the first token (an "
-        "attention sink), hence the square-root colour scale.")
+        "attention sink), hence the square-root colour scale." + _aligned_text(len(result)))
 
 
-def _patching(section, *, model, prompts, corrupted, target, distractor, out, options, top, **_):
+def _patching(section, *, model, prompts, corrupted, target, distractor, out, options, top, progress=None, **_):
     missing = [m for m in PATCHING_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         section.status, section.note = "unavailable", f"not in this installation: {', '.join(missing)}"
@@ -255,17 +337,17 @@ def _patching(section, *, model, prompts, corrupted, target, distractor, out, op
     if corrupted is None:
         section.status, section.note = "unavailable", "needs a corrupted prompt per prompt (--corrupted)"
         return
-    result = patching(model, prompts, corrupted, target, distractor, top=top, options=options)
+    result = patching(model, prompts, corrupted, target, distractor, top=top, options=options, progress=progress)
     estimate, exact, comparison = result["estimate"], result["exact"], result["comparison"]
     _figure(section, out, "patching_heads.png", estimate["head"])
-    _figure(section, out, "patching_resid.png", estimate["resid"])
+    _figure(section, out, "patching_resid.png", _aligned(estimate["resid"]))
     import matplotlib.pyplot as plt
 
     fig = comparison.plot()
     fig.savefig(out / "patching_validation.png", dpi=110)
     plt.close(fig)
     section.figures.append("patching_validation.png")
-    from .validation import entry_labels, metric_effect
+    from .validation import TOP_K, entry_labels, metric_effect, top_k_text
 
     rows = []  # the candidates that were patched, by estimated size
     for node_type in ("head", "attn", "mlp"):
@@ -274,47 +356,75 @@ def _patching(section, *, model, prompts, corrupted, target, distractor, out, op
         recovered = exact[node_type].values.float().nanmean(0).flatten()
         for i, label in enumerate(entry_labels(estimate[node_type])):
             if not recovered[i].isnan():
-                row = [label, f"{float(est[i]):+.3f}", f"{float(eff[i]):+.3f}", f"{float(recovered[i]):+.2f}"]
+                row = [label, number(est[i]), number(eff[i]), number(recovered[i])]
                 rows.append((abs(float(est[i])), row))
     rows = [r for _, r in sorted(rows, key=lambda r: -r[0])]
-    section.tables.append((["node", "attribution patching", "exact patching", "recovered fraction"], rows[:top]))
-    section.tables.append((["node type", "nodes", "Pearson", "Spearman", "top-k agreement"],
-                           [[t, str(a.n), f"{a.pearson:.3f}", f"{a.spearman:.3f}", f"{a.top_k:.2f} (k={a.k})"]
+    section.tables.append((["node", "attribution patching (metric units)", "exact patching (metric units)",
+                            "recovered fraction"], rows[:top]))
+    section.tables.append((["node type", "patched exactly", "Pearson", "Spearman", TOP_K],
+                           [[t, f"all {a.n}" if a.n == a.total else f"{a.n} of {a.total}",
+                             number(a.pearson, signed=False), number(a.spearman, signed=False), top_k_text(a)]
                             for t, a in comparison.agreements.items()]))
     section.results.update(
         estimate={t: a.to_dict() for t, a in estimate.items()}, exact={t: a.to_dict() for t, a in exact.items()},
         validation=comparison.to_dict(), warnings=comparison.warnings)
     meta = estimate["head"].per_prompt
+    every = result["every"]
+    some = [t for t in comparison.agreements if t not in every]
+    covered = " and ".join(part for part in (
+        f"every node of type {', '.join(every)}" if every else "",
+        f"the estimate's top {top} of type {', '.join(some)}" if some else "") if part)
+    pairs = len(meta["clean_metric"])
     section.text = (
         f"Attribution patching estimates, for every node at once (two forward passes and one backward), how "
         f"much <b>{_metric_html(estimate['head'])}</b> on the corrupted prompt would move towards the clean "
         f"prompt's value if that node's clean activation were patched in (Nanda 2023). Clean value "
-        f"{_mean(meta['clean_metric']):+.3f}, corrupted {_mean(meta['corrupted_metric']):+.3f}. Exact activation "
-        f"patching then re-runs the corrupted prompt with each of the top {top} candidates per node type "
-        f"patched in, one at a time; the recovered fraction is (patched − corrupted) / (clean − corrupted). "
-        f"The scatter plot and correlations say how far the cheap estimate can be trusted on this model.")
+        f"{number(_mean(meta['clean_metric']))}, corrupted {number(_mean(meta['corrupted_metric']))}"
+        + (f" (means over {pairs} pairs). " if pairs > 1 else ". ") +
+        f"Exact activation patching then re-runs the corrupted prompt with one node at a time patched in: "
+        f"{covered} (a node type of at most {2 * top} nodes is patched whole); the recovered fraction is "
+        f"(patched − corrupted) / (clean − corrupted). The scatter plot, the correlations and the top-k "
+        f"agreement say how far the cheap estimate can be trusted on this model."
+        + _aligned_text(pairs, "the residual-stream figure"))
     notes = list(comparison.warnings)
     if result["align"]:
         notes.insert(0, "Some pairs have different token counts: positions are aligned at the last token.")
     section.note = " ".join(notes)
 
 
-def patching(model, clean, corrupted, target, distractor, *, top: int = 10, options=None) -> dict:
-    """Attribution patching, exact patching of its top ``top`` candidates per node type, and
-    their comparison: ``{"estimate", "exact", "comparison"}`` (the report's patching workflow)."""
+def patching(model, clean, corrupted, target, distractor, *, top: int = 10, options=None, progress=None) -> dict:
+    """Attribution patching, exact patching, and their comparison: ``{"estimate", "exact",
+    "comparison", "align", "every"}`` (the report's patching workflow). Exact patching covers every
+    node of a node type with at most ``2 * top`` nodes (at most twice the cost of its candidates;
+    the top-k agreement then ranks them all; ``every`` lists those types), and the estimate's top
+    ``top`` of larger ones.
+    ``progress``: a tqdm bar whose postfix names the step running."""
     from .recipes import activation_patching, attribution_patching
     from .validation import compare
 
+    say = progress.set_postfix_str if progress is not None else lambda text: None
     options = dict(options or {})
     equal = Batch.of(model, clean).lengths == Batch.of(model, corrupted).lengths
     align = None if equal else "right"  # per-position nodes of unequal pairs: aligned at the last token
+    say("attribution patching")
     estimate = attribution_patching.run(model, clean, corrupted, target, distractor, align=align, **options)
-    exact = activation_patching.run(model, clean, corrupted, target, distractor, candidates=estimate, k=top,
-                                    align=align, **options)  # batch_size: pairs per session, as for the estimate
+    every = [t for t, a in estimate.items() if a.values[0].numel() <= 2 * top]  # nodes per pair
+    some = [t for t in estimate if t not in every]
+    exact = {}
+    if every:
+        say(f"exact patching: all {', '.join(every)}")
+        exact.update(activation_patching.run(model, clean, corrupted, target, distractor, nodes=every, align=align,
+                                             **options))  # batch_size: pairs per session, as for the estimate
+    if some:
+        say(f"exact patching: top {top} {', '.join(some)}")
+        exact.update(activation_patching.run(model, clean, corrupted, target, distractor, nodes=some, align=align,
+                                             candidates={t: estimate[t] for t in some}, k=top, **options))
+    exact = {t: exact[t] for t in estimate}
+    say("")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warnings are kept in the comparison and shown in the report
         comparison = compare(estimate, exact, k=top)
-    return {"estimate": estimate, "exact": exact, "comparison": comparison, "align": align}
+    return {"estimate": estimate, "exact": exact, "comparison": comparison, "align": align, "every": every}
 
 
 def _mean(values) -> float:
@@ -329,22 +439,40 @@ def _plain(report: Report) -> dict:
 def render(report: Report) -> str:
     """The report page: self-contained HTML, figures linked relatively."""
     h, e = report.header, html.escape
+    n = len(h["prompts"])
 
     def listed(prompts):
         items = "".join(f"<li><code>{e(p)}</code></li>" for p in prompts[:5])
-        more = f"<li>… and {len(prompts) - 5} more (figures show the mean)</li>" if len(prompts) > 5 else ""
+        more = f"<li>… and {len(prompts) - 5} more (all in results.json)</li>" if len(prompts) > 5 else ""
         return f"<ul class=plain>{items}{more}</ul>"
 
+    def answers(given, default):  # one token for all, or a tally of one per prompt: never 400 names
+        if given is None:
+            return default
+        if isinstance(given, (str, int)):
+            return f"<code>{e(repr(given))}</code>" + (f" for all {n} prompts" if n > 1 else "")
+        given = list(given)
+        if len(set(given)) == 1:
+            return f"<code>{e(repr(given[0]))}</code> for all {n} prompts"
+        return f"one per prompt: {e(_tally(given))}"
+
     facts = [("model", f"{e(h['model'])} <span class=dim>({e(h['architecture'])})</span>"),
-             ("prompt" + "s" * (len(h["prompts"]) > 1), listed(h["prompts"]))]
+             ("prompt" if n == 1 else f"prompts ({n})", listed(h["prompts"]))]
     if h["corrupted"]:
         facts.append(("corrupted", listed(h["corrupted"])))
-    answers = (f"<code>{e(repr(h[k]))}</code>" for k in ("target", "distractor"))
-    facts.append(("target / distractor", " / ".join(answers)))
-    facts.append(("tokens", " ".join(f"<span class=tok>{e(t)}</span>" for t in h["tokens"])))
+    facts.append(("target" + "s" * isinstance(h["target"], (list, tuple)),
+                  answers(h["target"], "the model's top prediction, per prompt")))
+    facts.append(("distractor" + "s" * isinstance(h["distractor"], (list, tuple)), answers(h["distractor"], "none")))
+    if h.get("metric"):
+        facts.append(("metric", f"<code>{e(h['metric'])}</code>"))
+    shown = h["tokens"][:3]
+    strips = "".join("<div>" + " ".join(f"<span class=tok>{e(t)}</span>" for t in tokens) + "</div>"
+                     for tokens in shown)
+    facts.append(("tokens" if n == 1 else f"tokens, prompts 1–{len(shown)} of {n}" if n > len(shown)
+                  else "tokens, per prompt", strips))
     lens = next((s for s in report.sections if s.key == "logit_lens"), None)
     if lens is not None and "prediction" in lens.results:
-        guesses = (f"<code>{e(t.strip())}</code> {p:.2f}" for t, p in lens.results["prediction"])
+        guesses = (f"<code>{e(t.strip())}</code> {number(p, signed=False)}" for t, p in lens.results["prediction"])
         facts.append(("model predicts", ", ".join(guesses)))
     timing = ", ".join(f"{e(s.key)} {s.seconds:.1f} s" for s in report.sections)
     return _PAGE.format(

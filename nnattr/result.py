@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping
 
@@ -20,6 +21,32 @@ from .kernels.lens import topk_flat
 #: Dimensions that index a prompt's tokens. In a batch they span the longest prompt, aligned
 #: to the right (as the model sees a left-padded batch); a shorter prompt's padding is NaN.
 POSITION_DIMS = ("position", "query", "key")
+
+
+#: A decomposition whose parts miss their whole by more than this share of max(1, |whole|) is
+#: reported (`sum_error`). float32 runs stay near 1e-7 of it; bf16 and fp16 models land near 1e-3,
+#: because they round the residual stream at every addition and the logit itself.
+SUM_TOLERANCE = 1e-4
+
+
+class PrecisionWarning(UserWarning):
+    """A decomposition that should be exact misses its total on this run (low-precision arithmetic)."""
+
+
+def sum_error(parts: torch.Tensor, whole: torch.Tensor, *, what: str) -> list[float]:
+    """``|Σ parts − whole|`` per prompt (``parts: [prompt, part]``, ``whole: [prompt]``), measured on
+    the run; a `PrecisionWarning` names the prompts above `SUM_TOLERANCE` × max(1, |whole|)."""
+    error = (parts.double().sum(-1) - whole.double()).abs()
+    over = (error > SUM_TOLERANCE * whole.double().abs().clamp(min=1)).nonzero().flatten().tolist()
+    if over:
+        i = over[0]
+        warnings.warn(
+            f"{what} miss the model's own value by {error[i]:.2g} on prompt {i} (sum {float(parts[i].sum()):+.5g}, "
+            f"model {float(whole[i]):+.5g}; {len(over)} of {len(error)} prompts above {SUM_TOLERANCE:g} × max(1, "
+            f"|value|)): low-precision arithmetic (bf16 or fp16 weights, or a server's autocast) rounds the residual "
+            f"stream at every addition, and the value itself. Load the model in float32 for sums exact to ~1e-6; "
+            f"meta['sum_error'] holds the gap", PrecisionWarning, stacklevel=3)
+    return error.tolist()
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ concatenates. Everything else lives here, once:
 
 from __future__ import annotations
 
+import numbers
 import sys
 from contextlib import nullcontext
 from typing import Any, Callable, Iterator, Sequence
@@ -51,8 +52,7 @@ def chunks(fn: Callable, items: Sequence, *, batch_size: int | None, desc: str, 
     """
     from . import remote as ndif
 
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int (or None for all at once), got {batch_size!r}")
+    batch_size = check_batch_size(batch_size)
     on_ndif = ndif.is_remote(remote, backend)
     if on_ndif:
         ndif.prepare(model, backend, remote=remote)
@@ -62,7 +62,7 @@ def chunks(fn: Callable, items: Sequence, *, batch_size: int | None, desc: str, 
     if size < len(items):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(items), desc=desc, unit="prompt", disable=not sys.stderr.isatty(), leave=False)
+        bar = tqdm(total=len(items), desc=desc, unit="prompt", disable=not show_progress(), leave=False)
     start, queued = 0, 0
     while start < len(items):
         chunk = items[start : start + size]
@@ -89,6 +89,25 @@ def chunks(fn: Callable, items: Sequence, *, batch_size: int | None, desc: str, 
         raise ndif.Deferred(queued)
 
 
+def show_progress() -> bool:
+    """Whether to draw progress bars: on a terminal, or in a notebook (a Jupyter kernel's stderr is
+    its own stream, never a TTY); not when stderr is piped or captured (CI logs, pytest)."""
+    return sys.stderr.isatty() or type(sys.stderr).__module__.startswith("ipykernel")
+
+
+def check_batch_size(batch_size) -> int | None:
+    """``batch_size`` as an int (numpy ints and whole floats such as ``2.0`` too), or a ValueError
+    naming it: a positive int, or None for all at once."""
+    fix = "give a positive int (prompts per chunk; pairs, for patching), or None for all at once"
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Real):
+        raise ValueError(f"batch_size={batch_size!r} is a {type(batch_size).__name__}: {fix}")
+    if not float(batch_size).is_integer() or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: {fix}")
+    return int(batch_size)
+
+
 def _fits_on_gpu(model, n: int, *, tokens: int = 512) -> int:
     """How many prompts of ``tokens`` tokens fit in half the free GPU memory (all of them on CPU)."""
     device = getattr(model, "device", None) if model is not None else None
@@ -102,4 +121,4 @@ def _fits_on_gpu(model, n: int, *, tokens: int = 512) -> int:
     return max(1, min(n, int(0.5 * free // per_prompt)))
 
 
-__all__ = ["run", "chunks"]
+__all__ = ["run", "chunks", "check_batch_size", "show_progress"]

@@ -9,8 +9,10 @@
 
 Both sides are put in metric units (a recovery times the pair's ``clean - corrupted`` metric)
 and averaged over pairs; per node type the report gives Pearson and Spearman correlation over
-nodes (and Pearson over every pair-and-node entry), the share of the exact top-k that the
-estimate's top-k finds, a scatter plot, and warnings where the linear approximation is known
+the nodes patched exactly (and Pearson over every pair-and-node entry), the top-k agreement
+(the share of the exact top k that the estimate's top k also holds, with k at most half those
+nodes: compared over the estimate's own top k only, it would be 1 whatever the ranking), a
+scatter plot, and warnings where the linear approximation is known
 to fail: the residual stream, MLP0, and saturating effects such as attention that flips
 (Kramár et al. 2024, AtP*; RelP 2025 reports r = 0.75 / 0.98 / 0.20 for residual, attention
 and MLP outputs of GPT-2 small on IOI).
@@ -43,9 +45,10 @@ class Agreement:
     pearson: float
     spearman: float
     pearson_per_pair: float
-    k: int
+    k: int  # at most half the entries compared (0: too few to rank, top_k is NaN)
     top_k: float  # share of the exact top-k entries (by magnitude) in the estimate's top-k
     warnings: tuple[str, ...] = field(default=())
+    total: int = 0  # entries of the node type, patched exactly or not (n of them were)
 
     @property
     def n(self) -> int:
@@ -67,16 +70,21 @@ class Comparison:
 
     def table(self) -> str:
         """A Markdown report section: the figures per node type, then the warnings."""
+        from .plotting import number
+
         lines = ["| node type | entries | Pearson | Spearman | Pearson (per pair) | top-k agreement |",
                  "|---|---:|---:|---:|---:|---:|"]
         for a in self.agreements.values():
-            lines.append(f"| {a.node_type} | {a.n} | {a.pearson:.3f} | {a.spearman:.3f} | "
-                         f"{a.pearson_per_pair:.3f} | {a.top_k:.2f} (k={a.k}) |")
-        return "\n".join(lines + [""] + [f"- {w}" for w in self.warnings])
+            lines.append(f"| {a.node_type} | {a.n} | {number(a.pearson, signed=False)} | "
+                         f"{number(a.spearman, signed=False)} | {number(a.pearson_per_pair, signed=False)} | "
+                         f"{top_k_text(a)} |")
+        return "\n".join(lines + ["", f"entries: the nodes patched exactly, of each type's total; {TOP_K}", ""]
+                         + [f"- {w}" for w in self.warnings])
 
     def to_dict(self) -> dict:
-        keys = ("n", "pearson", "spearman", "pearson_per_pair", "k", "top_k", "warnings")
-        return {t: {key: getattr(a, key) for key in keys} for t, a in self.agreements.items()}
+        keys = ("n", "total", "pearson", "spearman", "pearson_per_pair", "k", "top_k", "warnings")
+        plain = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731 (JSON has no NaN)
+        return {t: {key: plain(getattr(a, key)) for key in keys} for t, a in self.agreements.items()}
 
     def plot(self, **kwargs):
         return scatter(self, **kwargs)
@@ -119,13 +127,27 @@ def metric_effect(result: Attribution) -> torch.Tensor:
 
 def entry_labels(result: Attribution) -> list[str]:
     """One label per entry of a patching result's non-prompt dimensions, flattened in order:
-    ``L3H7`` (head), ``L3 attn`` (a layer's write), with ``@-2`` for a position."""
-    dims = [d for d in result.dims if d != "prompt"]
+    ``L3H7`` (head), ``L3 attn`` (a layer's write), with ``@-2`` for a position
+    (`nnattr.plotting.entry_label`, the format of every table)."""
+    from .plotting import entry_label
+
     grid = [[]]
-    for d in dims:
+    for d in (d for d in result.dims if d != "prompt"):
         grid = [g + [label] for g in grid for label in result.labels[d]]
-    name = lambda parts: "".join(parts[:2]) if "head" in dims else f"{parts[0]} {result.by}"  # noqa: E731
-    return [name(g) + (f"@{g[-1]}" if "position" in dims else "") for g in grid]
+    return [entry_label(result, g) for g in grid]
+
+
+TOP_K = ("top-k agreement: the share of the exact top k (by magnitude, among the nodes patched exactly) that "
+         "the estimate's top k also holds; k is at most half those nodes, since a larger k forces an overlap")
+
+
+def top_k_text(a: Agreement) -> str:
+    """The top-k agreement in words: ``0.83 (5 of the top 6)``, or why there is none."""
+    from .plotting import number
+
+    if not a.k:
+        return f"n/a ({a.n} node{'s' * (a.n != 1)}: too few to rank)"
+    return f"{number(a.top_k, signed=False)} ({round(a.top_k * a.k)} of the top {a.k})"
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -152,11 +174,12 @@ def _agreement(node_type: str, a: Attribution, b: Attribution, k: int) -> Agreem
     keep = ~(x.isnan() | y.isnan())
     x, y, labels = x[keep], y[keep], [lab for lab, kept in zip(labels, keep.tolist()) if kept]
     both = ~(x_all.isnan() | y_all.isnan())
-    k = min(k, len(labels))
-    top_x, top_y = set(x.abs().topk(k).indices.tolist()), set(y.abs().topk(k).indices.tolist())
+    ranked = min(k, len(labels) // 2)  # k of n forces an overlap of 2k - n: k = n gives 1 whatever the ranking
+    top_x, top_y = set(x.abs().topk(ranked).indices.tolist()), set(y.abs().topk(ranked).indices.tolist())
     return Agreement(
-        node_type, labels, x, y, pearson(x, y), spearman(x, y), pearson(x_all[both], y_all[both]), k,
-        len(top_x & top_y) / k if k else math.nan, tuple(_warnings(node_type, labels, x, y, k)),
+        node_type, labels, x, y, pearson(x, y), spearman(x, y), pearson(x_all[both], y_all[both]), ranked,
+        len(top_x & top_y) / ranked if ranked else math.nan,
+        tuple(_warnings(node_type, labels, x, y, min(k, len(labels)))), total=len(keep),
     )
 
 

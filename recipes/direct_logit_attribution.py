@@ -24,9 +24,8 @@ from nnattr import runner
 from nnattr.batch import Batch
 from nnattr.kernels import (  # kernels by name: they travel to NDIF
     bias_term, direct_logit, expand_kv, first, head_direct_logit, head_position_direct_logit, inverse_softcap,
-    logit_diff, logit_direction, norm_scale, o_proj_per_head, read_at, residual_direction, split_heads, split_values,
-)
-from nnattr.result import Attribution
+    logit_diff, logit_direction, norm_scale, o_proj_per_head, read_at, residual_direction, split_heads, split_values)
+from nnattr.result import Attribution, sum_error
 
 TITLE, UNITS, ALIASES = "Direct logit attribution", "direct effect (logits)", ("dla",)
 
@@ -36,35 +35,36 @@ def trace(model, batch: Batch, *, by: str, remote=False, backend=None) -> dict:
     a, target, other, at = batch.arch, batch.answer("target"), batch.answer("distractor"), batch.columns
     embeds, norm, offset, eps, cap = a.embeddings, a.norm, a.norm_weight_offset, a.eps, a.logit_softcap
     n_heads, n_kv, d_head, conv1d, layout = a.n_heads, a.n_kv_heads, a.d_head, a.o_proj_conv1d, a.value_layout
-    with torch.no_grad(), model.trace(batch.inputs, remote=remote, backend=backend):
-        z, W_O, rows, values = [], [], [], []
-        writes = [read_at(first(getattr(model, name).output), at) for name in embeds]  # [batch, d_model] each
-        for layer in model.layers:
-            if by == "head_position":  # [batch, key, kv_head, d_head]
-                values.append(split_values(layer.attn.v_proj.output, layout=layout, n_heads=n_heads,
-                                           n_kv_heads=n_kv, d_head=d_head))
-            if by in ("head", "head_position", "all"):
-                z.append(split_heads(read_at(layer.attn.o_proj.input, at), n_heads=n_heads))  # [batch, head, d_head]
-                W_O.append(o_proj_per_head(layer.attn.o_proj.weight, n_heads=n_heads, conv1d=conv1d))
-            if by == "head_position":
-                rows.append(read_at(layer.attn.output[1].transpose(1, 2), at))  # [batch, head, key]
-            writes.append(read_at(first(layer.attn_out.output), at))
-            writes.append(read_at(first(layer.mlp_out.output), at))
-        resid = read_at(model.ln_f.input, at)  # [batch, d_model]
-        final = inverse_softcap(read_at(model.output.logits, at).float(), cap)  # [batch, vocab]
-        answer = final.argmax(-1) if target is None else target.to(final.device)
-        out = {"target": answer.cpu(), "logit": logit_diff(final[:, None], answer, other).cpu()}  # [batch] each
-        direction, bias = logit_direction(model.lm_head.weight, answer, other, unembed_bias=model.lm_head.bias)
-        u = residual_direction(direction, model.ln_f.weight, norm=norm, weight_offset=offset)
-        scale = norm_scale(resid, norm=norm, eps=eps)  # measured on this pass, then frozen
-        if by == "head_position":  # [batch, layer, head, key]
-            out["heads"] = torch.stack([head_position_direct_logit(r, expand_kv(v, n_heads=n_heads), w, u, scale)
-                                        for r, v, w in zip(rows, values, W_O)], dim=1).cpu()
-        elif by in ("head", "all"):  # [batch, layer, head]
-            out["heads"] = torch.stack([head_direct_logit(h, w, u, scale) for h, w in zip(z, W_O)], dim=1).cpu()
-        constant = bias_term(direction, bias, getattr(model.ln_f, "bias", None))  # [batch]
-        out["scores"] = torch.cat([direct_logit(torch.stack(writes), u, scale), constant[None]]).T.cpu()
-        out = nnsight.save(out)
+    inputs = batch.inputs
+    with model.session(remote=remote, backend=backend):  # no_grad inside the session: it runs where the model does
+        with torch.no_grad(), model.trace(inputs):
+            z, W_O, rows, values = [], [], [], []
+            writes = [read_at(first(getattr(model, name).output), at) for name in embeds]  # [batch, d_model] each
+            for layer in model.layers:
+                if by == "head_position":  # [batch, key, kv_head, d_head]
+                    values.append(split_values(layer.attn.v_proj.output, layout=layout, n_heads=n_heads,
+                                               n_kv_heads=n_kv, d_head=d_head))
+                if by in ("head", "head_position", "all"):  # z: [batch, head, d_head]
+                    z.append(split_heads(read_at(layer.attn.o_proj.input, at), n_heads=n_heads))
+                    W_O.append(o_proj_per_head(layer.attn.o_proj.weight, n_heads=n_heads, conv1d=conv1d))
+                if by == "head_position":
+                    rows.append(read_at(layer.attn.output[1].transpose(1, 2), at))  # [batch, head, key]
+                writes.append(read_at(first(layer.attn_out.output), at))
+                writes.append(read_at(first(layer.mlp_out.output), at))
+            scale = norm_scale(read_at(model.ln_f.input, at), norm=norm, eps=eps)  # measured on this pass, then frozen
+            final = inverse_softcap(read_at(model.output.logits, at).float(), cap)  # [batch, vocab]
+            answer = final.argmax(-1) if target is None else target.to(final.device)
+            out = {"target": answer.cpu(), "logit": logit_diff(final[:, None], answer, other).cpu()}  # [batch] each
+            direction, bias = logit_direction(model.lm_head.weight, answer, other, unembed_bias=model.lm_head.bias)
+            u = residual_direction(direction, model.ln_f.weight, norm=norm, weight_offset=offset)
+            if by == "head_position":  # [batch, layer, head, key]
+                out["heads"] = torch.stack([head_position_direct_logit(r, expand_kv(v, n_heads=n_heads), w, u, scale)
+                                            for r, v, w in zip(rows, values, W_O)], dim=1).cpu()
+            elif by in ("head", "all"):  # [batch, layer, head]
+                out["heads"] = torch.stack([head_direct_logit(h, w, u, scale) for h, w in zip(z, W_O)], dim=1).cpu()
+            constant = bias_term(direction, bias, getattr(model.ln_f, "bias", None))  # [batch]
+            out["scores"] = torch.cat([direct_logit(torch.stack(writes), u, scale), constant[None]]).T.cpu()
+            out = nnsight.save(out)
     return out
 
 
@@ -81,12 +81,11 @@ def run(model, prompts, target=None, distractor=None, *,
     if by not in ("component", "layer", "head", "head_position", "all"):
         raise ValueError(f"by={by!r}; expected 'component', 'layer', 'head', 'head_position' or 'all'")
     batch = Batch.of(model, prompts, target, distractor).at(position)
-    if by in ("head", "head_position", "all"):
-        batch.arch.require_exact_heads(f"DLA by {by}")
-    if by == "head_position":
-        batch.arch.require_probabilities("DLA by head and position")
+    batch.arch.require(f"DLA by {by.replace('_', ' and ')}", exact_heads=by in ("head", "head_position", "all"),
+                       probabilities=by == "head_position")
     out = runner.run(trace, model, batch, by=by, batch_size=batch_size, remote=remote, backend=backend)
     batch.check_answers(out["target"])  # the model's own top prediction may be the distractor
+    error = sum_error(out["scores"], out["logit"], what="DLA's components")  # the identity, measured on this run
     a, n, e = batch.arch, batch.arch.n_layers, len(batch.arch.embeddings)
     layers, heads, labels = [f"L{i}" for i in range(n)], [f"H{h}" for h in range(a.n_heads)], {"prompt": batch.labels}
     if by in ("head", "head_position"):  # [prompt, layer, head(, position)]
@@ -105,8 +104,9 @@ def run(model, prompts, target=None, distractor=None, *,
         scores, tuple(labels), labels, method="direct_logit_attribution", by=by, units=UNITS, tokens=batch.tokens,
         title=f"{TITLE} by {by.replace('_', ' and ').replace('all', 'head, MLP and bias')}",
         metric=batch.metric(out["target"]),
-        meta={"logit_kind": "pre-softcap logit" if a.logit_softcap else "logit", "read_at": batch.read_at},
-        per_prompt={"target": batch.decode(out["target"]), "logit": out["logit"].tolist(),
+        meta={"logit_kind": "pre-softcap logit" if a.logit_softcap else "logit", "read_at": batch.read_at,
+              "sum_error": max(error)},
+        per_prompt={"target": batch.decode(out["target"]), "logit": out["logit"].tolist(), "sum_error": error,
                     "position": list(batch.positions), "read_token": list(batch.read_tokens),
                     **({} if batch.distractor is None else {"distractor": batch.decode(batch.distractor)})},
     )

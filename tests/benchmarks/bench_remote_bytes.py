@@ -28,6 +28,7 @@ import torch
 import nnattr
 from nnattr.kernels import first
 from nnattr.recipes import attention_rollout, attention_views, direct_logit_attribution, head_attribution, logit_lens
+from nnattr.recipes import attention_summary
 from tests.support.ndif_loopback import OLD_SERVER_IMPORT_WHITELIST, LoopbackNDIF, client_config, offline_repo_ids
 
 REPO = "nnattr-bench/llama-32x32"
@@ -74,11 +75,11 @@ def naive_dla(model, prompts, by):
         for layer in model.layers:
             if by == "head_position":
                 saved.append(layer.attn.v_proj.output)  # [batch, pos, kv_head * d_head]
-            if by in ("head", "head_position"):
+            if by in ("head", "head_position", "all"):
                 saved.append(layer.attn.o_proj.input)  # [batch, pos, head * d_head]
             if by == "head_position":
                 saved.append(layer.attn.output[1])  # [batch, head, query, key]
-            if by in ("component", "layer"):
+            if by in ("component", "layer", "all"):
                 saved.append(first(layer.attn_out.output))  # [batch, pos, d_model]
                 saved.append(first(layer.mlp_out.output))
         saved.append(model.ln_f.input)
@@ -121,7 +122,9 @@ CASES = {
     # name: (recipe call, naive call, scored result)
     **{f"dla by={by}": (lambda m, p, by=by: direct_logit_attribution.run(m, p, by=by, remote=True),
                         lambda m, p, by=by: naive_dla(m, p, by), True)
-       for by in ("component", "layer", "head", "head_position")},
+       for by in ("component", "layer", "head", "head_position", "all")},
+    "dla by=all position=-5": (lambda m, p: direct_logit_attribution.run(m, p, by="all", position=-5, remote=True),
+                               lambda m, p: naive_dla(m, p, "all"), True),
     **{f"head_attribution by={by}": (lambda m, p, by=by: head_attribution.run(m, p, by=by, remote=True),
                                      naive_heads, True) for by in ("head", "head_position")},
     "logit_lens positions=last": (lambda m, p: logit_lens.run(m, p, positions="last", remote=True), naive_lens, True),
@@ -136,6 +139,9 @@ CASES = {
        for view in ("patterns", "value_weighted", "norm_based")},
     "attention_views view=patterns (1 layer, all heads)":
         (lambda m, p: attention_views.run(m, p, layers=[-1], remote=True), lambda m, p: naive_rollout(m, p, "x"), False),
+    # attention_summary: six numbers per layer; naive: every layer's patterns, summarised locally.
+    "attention_summary layer_idx=all": (lambda m, p: attention_summary.run(m, p, layer_idx="all", remote=True),
+                                        lambda m, p: naive_rollout(m, p, "x"), False),
 }
 
 
