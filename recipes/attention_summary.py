@@ -87,6 +87,8 @@ def over(model, data: Iterable, *, batch_size: int = 32, **options) -> Attributi
     a progress bar. ``fields(over(...))`` is the dataset aggregate; ``.mean()``, ``.std()`` work."""
     from tqdm.auto import tqdm
 
+    batch_size = runner.check_batch_size(batch_size)  # None: every loose prompt in one batch
+
     def batches():  # prompts grouped batch_size at a time and batches as given, in their order
         group = []
         for item in [data] if isinstance(data, str) else data:  # one string is one prompt, not characters

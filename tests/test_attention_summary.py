@@ -252,3 +252,11 @@ def test_kernel_errors_name_shapes():
         attention_summary(p, torch.rand(2, 4, 4))
     with pytest.raises(ValueError, match=r"key_mask must be a bool tensor \[batch, key\] = \[2, 5\]"):
         attention_summary(p, torch.rand(2, 5, 5), key_mask=torch.ones(2, 5))
+
+
+def test_over_checks_batch_size_before_any_run():
+    model = nnattr.load(tiny.hf_model("gpt2"), tiny.tokenizer())
+    with pytest.raises(ValueError, match=r"batch_size=1.5: give a positive int"):
+        summary.over(model, iter(tiny.prompts(3)), batch_size=1.5)
+    together = summary.over(model, tiny.prompts(3), batch_size=None)  # None: one batch
+    torch.testing.assert_close(together.values, summary.run(model, tiny.prompts(3)).values)
