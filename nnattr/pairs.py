@@ -23,6 +23,7 @@ warns where a pair's gap ``|clean - corrupted|`` is under ``MIN_GAP * max(1, |cl
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
@@ -222,12 +223,30 @@ def _stack(entries):
             None if channels[0] is None else torch.stack(channels))
 
 
-def pairs(model, clean, corrupted, answer, distractor, *, metric, nodes, align) -> Pairs:
-    """Check everything before a trace runs: counts, tokens, lengths, nodes and metric."""
-    nodes = tuple(nodes)
+def node_types(nodes, default=DEFAULT_NODES) -> tuple[str, ...]:
+    """Node types as a tuple: one name (``"attn"``) or several; None gives ``default``. An empty or
+    unknown one is refused, naming the node types there are."""
+    nodes = tuple(default) if nodes is None else (nodes,) if isinstance(nodes, str) else tuple(nodes)
     unknown = [t for t in nodes if t not in NODES]
     if unknown or not nodes:
-        raise ValueError(f"unknown node types {unknown or nodes}; choose from {NODES}")
+        raise ValueError(f"unknown node types {unknown}: choose one or more of {NODES}" if unknown else
+                         f"no node types given: choose one or more of {NODES}")
+    return nodes
+
+
+def count(value, name: str, *, at_least: int = 1, default: int | None = None) -> int:
+    """``value`` (None: ``default``) as an int of at least ``at_least`` (numpy ints and whole floats
+    too), or a ValueError naming it: for ``rows``, ``steps``, ``k``."""
+    value = default if value is None else value
+    whole = isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
+    if not whole or value < at_least:
+        raise ValueError(f"{name}={value!r}: give a whole number of at least {at_least}")
+    return int(value)
+
+
+def pairs(model, clean, corrupted, answer, distractor, *, metric, nodes, align) -> Pairs:
+    """Check everything before a trace runs: counts, tokens, lengths, nodes and metric."""
+    nodes = node_types(nodes)
     if align not in (None, "right"):
         raise ValueError(f"align={align!r}; expected None or 'right'")
     a = Batch.of(model, clean, answer, distractor, role="answer")
@@ -239,6 +258,9 @@ def pairs(model, clean, corrupted, answer, distractor, *, metric, nodes, align) 
                          "default logit-difference metric, or a metric=")
     if metric is not None:
         _check_metric(metric, a.arch.d_vocab)
+        if answer is not None or distractor is not None:
+            warnings.warn("answer= and distractor= do not enter a custom metric=, which reads the logits alone: the "
+                          "scores are your metric's; they are kept as labels only", stacklevel=3)
     per_position = [t for t in nodes if positional(t)]
     _check_different(a, b)
     for i, (x, y) in enumerate(zip(a.lengths, b.lengths)):

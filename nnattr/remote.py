@@ -126,6 +126,10 @@ def current_timeouts() -> Timeouts:
     """The waits in force here: `Timeouts`' defaults, then each ``NNATTR_NDIF_TIMEOUT_<WAIT>``
     environment variable that is set, then the innermost `timeouts` block (read at each request)."""
     seconds: dict[str, Any] = {}
+    unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in WAITS)
+    if unknown:
+        warnings.warn(f"{unknown[0]} names no wait, so it is ignored: the waits are "
+                      f"{', '.join(ENV_PREFIX + w.upper() for w in WAITS)}", RuntimeWarning, stacklevel=2)
     for wait in WAITS:
         text = os.environ.get(ENV_PREFIX + wait.upper(), "").strip()
         if text:
@@ -807,16 +811,25 @@ class Job:
     def result(self, timeout: float | None = None, poll_interval: float = 1.0):
         """Wait (at most ``timeout`` seconds, if given) and return the recipe's result. Each poll
         and the download are bounded as `current_timeouts` says (``status``, ``download``)."""
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 <= timeout < math.inf):
+            raise ValueError(f"timeout={timeout!r}: give the seconds to wait (0: look once), or None to wait "
+                             f"until the job finishes")
         deadline = None if timeout is None else time.monotonic() + timeout
         with errors(self._model, remote=self.host):
             for job_id in self.ids:
+                last_look = False
                 while job_id not in self._saves:
                     saves = Backend(self.model_key, host=self.host, blocking=False, job_id=job_id)()
                     if saves is not None:
                         self._saves[job_id] = saves
                     elif deadline is not None and time.monotonic() > deadline:
-                        raise NDIFError(f"Job not finished after {timeout}s (status {self.status()}): call "
-                                        f"result() again later; NDIF keeps results about an hour.", kind="pending")
+                        status = self.status()
+                        if status == "COMPLETED" and not last_look:  # it finished as the time ran out: fetch it
+                            last_look = True
+                            continue
+                        raise NDIFError(f"Job not finished after {timeout:g} s (status {status}): call result() "
+                                        f"again later; NDIF keeps results about an hour.", kind="pending")
                     else:
                         time.sleep(poll_interval)
         replay = _Replay(self.model_key, self.host, [self._saves[i] for i in self.ids])

@@ -25,7 +25,7 @@ import torch
 
 from nnattr import runner
 from nnattr.kernels import first, logit_diff, normalised_recovery, patched_rows  # by name: they travel to NDIF
-from nnattr.pairs import DEFAULT_NODES, Node, Pairs, pairs, patch_entries
+from nnattr.pairs import DEFAULT_NODES, Node, Pairs, count, node_types, pairs, patch_entries
 from nnattr.result import Attribution
 
 TITLE, UNITS = "Activation patching", "recovered fraction"
@@ -89,13 +89,13 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
     """
     if candidates is not None and not isinstance(candidates, Mapping):
         raise ValueError("candidates must be {node type: Attribution}, as attribution_patching.run returns")
-    if (k is not None and (candidates is None or k < 1)) or rows < 1:
-        raise ValueError(f"k={k}, rows={rows}: k (at least 1) applies with candidates only; rows must be at least 1")
-    nodes = tuple(nodes or candidates or DEFAULT_NODES)
+    if k is not None and candidates is None:
+        raise ValueError(f"k={k}: k (the entries patched per node type) applies with candidates only")
+    k, rows, nodes = count(k, "k", default=10), count(rows, "rows"), node_types(nodes, candidates or DEFAULT_NODES)
     if candidates is not None and not set(nodes) <= set(candidates):
         raise ValueError(f"candidates hold node types {sorted(candidates)}, not all of nodes={nodes}")
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=nodes, align=align)
-    entries = {node: patch_entries(node, p.shape(node), candidates and candidates[node], k or 10) for node in p.nodes}
+    entries = {node: patch_entries(node, p.shape(node), candidates and candidates[node], k) for node in p.nodes}
     patched = {node: torch.full((len(p), *p.shape(node)), float("nan")) for node in p.nodes}
     base, forwards = torch.full((2, len(p)), float("nan")), {}  # base: [clean / corrupted, pair]
     for start, chunk, outs in runner.chunks(
@@ -108,7 +108,7 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
                 patched[node][(start + i, *index)] = value
     values = {node: normalised_recovery(v, *(b.reshape(-1, *[1] * (v.ndim - 1)) for b in base))
               for node, v in patched.items()}
-    meta = {**({"k": k or 10} if candidates is not None else {}), **({"align": align} if align else {})}
+    meta = {**({"k": k} if candidates is not None else {}), **({"align": align} if align else {})}
     return p.results(values, base, method="activation_patching", title=TITLE, units=UNITS, meta=meta)
 
 

@@ -28,7 +28,7 @@ from nnattr import runner
 from nnattr.kernels import (  # kernels by name: they travel to NDIF
     attribution_scores, first, gradients, head_attribution_scores, interpolate, logit_diff, pair_delta, path_gradient,
 )
-from nnattr.pairs import DEFAULT_NODES, Node, Pairs, pairs
+from nnattr.pairs import DEFAULT_NODES, Node, Pairs, count, pairs
 from nnattr.result import Attribution
 
 TITLE, UNITS = "Attribution patching", "estimated effect (metric)"
@@ -102,9 +102,9 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None,
     steps: interpolation steps for method=ig (default 5).
     align: "right" compares pairs of unequal length per position, aligned at the last token.
     """
-    m = (5 if steps is None else steps) if method == "ig" else 0
-    if method not in ("atp", "ig") or (method == "ig" and m < 1) or (method == "atp" and steps is not None):
+    if method not in ("atp", "ig") or (method == "atp" and steps is not None):
         raise ValueError(f"method={method!r}, steps={steps}: expected 'atp' (no steps), or 'ig' with steps >= 1")
+    m = count(steps, "steps", default=5) if method == "ig" else 0
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=nodes, align=align)
     out = runner.run(trace, model, p, steps=m, batch_size=batch_size, remote=remote, backend=backend)
     title = f"{TITLE} (EAP-IG, {m} steps)" if m else f"{TITLE} (AtP)"

@@ -351,8 +351,10 @@ def test_bad_input_is_refused_before_anything_runs(zoo):
         run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=("heads",))
     with pytest.raises(ValueError, match="give answer="):
         run(model, CLEAN, CORRUPTED)
-    with pytest.raises(ValueError, match="method="):
+    with pytest.raises(ValueError, match="steps=0: give a whole number of at least 1"):
         run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, method="ig", steps=0)
+    with pytest.raises(ValueError, match="method='atp', steps=3"):
+        run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, method="atp", steps=3)
     with pytest.raises(ValueError, match="4 clean prompts but 3 corrupted"):
         activation_patching.run(model, CLEAN, CORRUPTED[:3], ANSWER, DISTRACTOR)
 
@@ -565,5 +567,5 @@ def test_exact_patching_backs_off_on_out_of_memory(zoo, monkeypatch):
     backed_off = activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=("head",))
     assert seen[0] == len(CLEAN) and set(seen[-len(CLEAN):]) == {1}
     assert_close(backed_off["head"].values, whole["head"].values, **TOL)
-    with pytest.raises(ValueError, match="k applies with candidates only|k .* applies with candidates"):
+    with pytest.raises(ValueError, match="k=0: give a whole number of at least 1"):
         activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, candidates=whole, k=0)

@@ -470,6 +470,23 @@ def test_submit_then_collect_gives_the_same_result(ndif):
     assert KEY not in repr(job)
 
 
+def test_collecting_with_no_time_left_looks_once(ndif):
+    model = CLIENTS["llama"]
+    job = remote.submit(direct_logit_attribution, model, PROMPTS, TARGETS)
+    with pytest.raises(ValueError, match=r"timeout=-1: give the seconds to wait \(0: look once\)"):
+        job.result(timeout=-1)
+    deadline = time.monotonic() + 30
+    while job.status() != "COMPLETED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    same(job.result(timeout=0), direct_logit_attribution.run(model, PROMPTS, TARGETS))  # finished: fetched, not "pending"
+
+
+def test_a_misspelt_timeout_variable_is_named(monkeypatch):
+    monkeypatch.setenv("NNATTR_NDIF_TIMEOUT_JOBS", "60")
+    with pytest.warns(RuntimeWarning, match="NNATTR_NDIF_TIMEOUT_JOBS names no wait.*NNATTR_NDIF_TIMEOUT_JOB"):
+        assert remote.current_timeouts().job is None
+
+
 def test_submitted_job_that_fails_raises_on_collect(ndif):
     with ndif.configure(refuse_gradients=True, queue_delay=0.1):
         job = remote.submit(head_attribution, CLIENTS["gpt2"], PROMPTS)
