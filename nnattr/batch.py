@@ -18,7 +18,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 
@@ -82,7 +82,8 @@ class Batch:
             return batch
         if hasattr(prompts, "__array__") and not isinstance(prompts, torch.Tensor):  # numpy: its ids or texts
             prompts = prompts.tolist()
-        ids = _ids(tok, prompts)
+        ids, arch = _ids(tok, prompts), arch_of(model)
+        _check_vocab(ids, arch.d_vocab)
         bos = getattr(model, "_nnattr_prepend_bos", None) if prepend_bos is None else prepend_bos
         ids = with_bos(tok, ids, bos, from_text=isinstance(prompts, str) or _texts(prompts))
         texts = (prompts,) if isinstance(prompts, str) else tuple(prompts) if _texts(prompts) else None
@@ -92,7 +93,7 @@ class Batch:
         labels = texts or tuple(tok.decode(row, skip_special_tokens=True) for row in ids)
         answers = token_ids(tok, target, len(ids), role=role), token_ids(tok, distractor, len(ids), role="distractor")
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        batch = cls(ids, tokens, labels, *answers, arch_of(model), 0 if pad is None else int(pad),
+        batch = cls(ids, tokens, labels, *answers, arch, 0 if pad is None else int(pad),
                     max(map(len, ids)), tok)
         batch.check_answers(batch.target, role=role)
         return batch
@@ -132,9 +133,10 @@ class Batch:
             raise ValueError(f"position={position!r}: give one int for every prompt, or a list of {len(self)} ints")
         read = []
         for i, (p, n) in enumerate(zip(given, self.lengths)):
-            if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not -n <= p < n:
-                raise ValueError(f"position {p!r} for prompt {i}, which has {n} tokens: give an int from {-n} "
-                                 f"(its first token) to {n - 1}, or -1 for its last token")
+            why = not_an_int(p, "position")
+            if why or not -n <= p < n:
+                raise ValueError(f"position {p!r} for prompt {i}, which has {n} tokens{why and f' ({why})'}: give an "
+                                 f"int from {-n} (its first token) to {n - 1}, or -1 for its last token")
             read.append(int(p) % n)
         return replace(self, read=tuple(read))
 
@@ -345,6 +347,10 @@ def _texts(prompts) -> bool:
 def _ids(tokenizer, prompts: Prompts) -> tuple[tuple[int, ...], ...]:
     """Each prompt's token ids, unpadded."""
     if isinstance(prompts, Mapping):  # an encoding: drop padding by its mask
+        if "input_ids" not in prompts:
+            raise TypeError(f"prompts is a {type(prompts).__name__} with keys {list(prompts)[:8]}, not an encoding: "
+                            f"an encoding holds 'input_ids' (token ids [pos] or [batch, pos]) and optionally "
+                            f"'attention_mask', as tokenizer(texts) returns; pass text as a str or a list of str")
         ids = torch.as_tensor(prompts["input_ids"])
         mask = torch.as_tensor(prompts.get("attention_mask", torch.ones_like(ids)))
         if ids.ndim == 1:
@@ -368,6 +374,79 @@ def _ids(tokenizer, prompts: Prompts) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(tokenizer(p)["input_ids"]) for p in as_prompts(prompts))
 
 
+def _check_vocab(ids: tuple[tuple[int, ...], ...], vocab: int) -> None:
+    """Refuse token ids the model has no embedding for (they would fail deep inside torch)."""
+    for i, row in enumerate(ids):
+        bad = next((t for t in row if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i} holds token id {bad}, outside the model's vocabulary [0, {vocab}) "
+                             f"(ids index its embedding, of {vocab} tokens)")
+
+
+def not_an_int(value, what: str) -> str:
+    """Why ``value`` cannot be a ``what`` (a position, a layer): "" for an int or a numpy int,
+    else a clause naming its type (a bool is not a number here, and a float is not an index)."""
+    if isinstance(value, bool):
+        return f"{value!r} is a bool, not a {what}"
+    if isinstance(value, numbers.Integral):
+        return ""
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return f"{value!r} is a {type(value).__name__}: write it as the int {int(value)}"
+    return f"{value!r} is a {type(value).__name__}, not an int"
+
+
+def prompt_groups(data: Iterable, size: int | None) -> Iterator[list[str]]:
+    """A dataset's prompts in groups, in their order: ``data`` yields prompts (str, grouped ``size``
+    at a time; None: all loose prompts together) or batches (lists or tuples of str, each its own
+    group). One str is one prompt. Any other item is a TypeError naming it (a list or tuple of
+    items is checked whole before any group is given); a dict is refused (keys or values?)."""
+    fix = "give a prompt (a str), or an iterable of prompts (str) or batches (lists of str)"
+    if isinstance(data, Mapping):
+        raise TypeError(f"data is a {type(data).__name__} of {len(data)} entries, which would run its keys: {fix}; "
+                        f"pass list(data) or list(data.values()), whichever holds the prompts")
+    if isinstance(data, (bytes, bytearray)) or not isinstance(data, Iterable):
+        raise TypeError(f"data is {_shown(data)}: {fix}")
+    items = [data] if isinstance(data, str) else data
+    if isinstance(items, (list, tuple)):
+        for i, item in enumerate(items):
+            _check_item(i, item)
+
+    def groups():
+        group = []
+        for i, item in enumerate(items):
+            if _check_item(i, item):
+                group.append(item)
+            if group and (len(group) == size or not isinstance(item, str)):
+                yield group
+                group = []
+            if not isinstance(item, str):
+                yield list(item)
+        if group:
+            yield group
+
+    return groups()
+
+
+def _check_item(i: int, item) -> bool:
+    """True for a prompt, False for a batch of prompts; a TypeError (or ValueError) otherwise."""
+    if isinstance(item, str):
+        return True
+    if isinstance(item, (list, tuple)):
+        bad = next(((j, p) for j, p in enumerate(item) if not isinstance(p, str)), None)
+        if bad is None and item:
+            return False
+        if bad is None:
+            raise ValueError(f"data item {i} is an empty batch: a batch holds at least one prompt")
+        raise TypeError(f"data item {i} is a batch ({type(item).__name__}) holding {_shown(bad[1])} at {bad[0]}: "
+                        f"a batch is a list or tuple of prompts (str)")
+    raise TypeError(f"data item {i} is {_shown(item)}: each item is a prompt (a str) or a batch of prompts "
+                    f"(a list or tuple of str)")
+
+
+def _shown(x) -> str:
+    return "None" if x is None else f"{repr(x)[:40]} ({type(x).__name__})"
+
+
 def _is_id(t) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
@@ -389,4 +468,5 @@ def _check_known(tokenizer, ids, texts) -> None:
             raise ValueError(f"prompt {i} has tokens not in the vocabulary: {words or row}")
 
 
-__all__ = ["Batch", "Prompts", "Token", "as_prompts", "check_length", "token_id", "token_ids"]
+__all__ = ["Batch", "Prompts", "Token", "as_prompts", "check_length", "not_an_int", "prompt_groups", "token_id",
+           "token_ids"]

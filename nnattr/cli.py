@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections.abc
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -122,7 +123,11 @@ def _common(p: argparse.ArgumentParser, *, answers: bool, distractor: bool = Tru
     given.add_argument(*(["--prompt", "--clean"] if pairs else ["--prompt"]), dest="prompt", action="append",
                        metavar="TEXT", help="a prompt (repeatable)" + (", the clean one of a pair" if pairs else ""))
     given.add_argument("--prompts-file", type=Path, metavar="FILE",
-                       help="one prompt per line, or JSON lines with clean/corrupted/answer/distractor")
+                       help="one prompt per line (blank lines skipped; every other line is a prompt, '#' "
+                            "included), or JSON lines: one object per line with clean (or prompt), corrupted, "
+                            "answer (or target) and distractor, an answer as text or a token id (an int), every "
+                            "line giving the same fields; read as JSON lines whatever its suffix when its first "
+                            "line is a JSON object")
     if answers:
         names = ["--target", "--answer"] if pairs else ["--target"]
         target = p.add_mutually_exclusive_group()
@@ -139,7 +144,8 @@ def _common(p: argparse.ArgumentParser, *, answers: bool, distractor: bool = Tru
     p.add_argument("--out", type=Path, default=None if out_default is None else Path(out_default), metavar="DIR",
                    help="folder for the results" + (f" (default {out_default})" if out_default else " (JSON + PNG)"))
     p.add_argument("--device", metavar="DEVICE",
-                   help="where to load a local model: cpu (default), cuda, cuda:1, auto (needs accelerate)")
+                   help="where to load a local model: cpu (default), cuda, cuda:1, mps, auto (needs accelerate); "
+                        "checked against the devices this machine has before loading")
     p.add_argument("--batch-size", type=_positive, metavar="N",
                    help="prompts (pairs, for patching) per chunk: one forward pass, or one request on NDIF "
                         "(default: all at once on CPU and NDIF, what fits on a GPU)")
@@ -330,6 +336,7 @@ def _inputs(args) -> dict:
     """Prompts, corrupted prompts and answers from the flags, a file, or the built-in example."""
     if args.remote and args.device:
         raise UsageError("--device: a --remote model runs on NDIF's devices, not on a local one")
+    _check_device(args.device)
     _check_out(args)
     corrupted = getattr(args, "corrupted", None)
     target, distractor = getattr(args, "target", None), getattr(args, "distractor", None)
@@ -358,6 +365,50 @@ def _inputs(args) -> dict:
             and corrupted is None:
         raise UsageError("--corrupted: this command needs a corrupted prompt for every prompt")
     return {"prompts": prompts, "corrupted": corrupted, "target": target, "distractor": distractor}
+
+
+# device_map strategies of accelerate, given as --device instead of a device.
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a ``--device`` that names no device, or one this machine does not have, before loading."""
+    if device is None or device in _DEVICE_MAPS:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device: {device!r} is not a device; give cpu, cuda, cuda:N, mps or auto") from None
+    if parsed.type == "cpu":
+        return
+    available = _local_devices(torch)
+    shown = ", ".join(d for devices in available.values() for d in devices)
+    if parsed.type == "meta":
+        raise UsageError(f"--device meta: the meta device holds no weights, so nothing can run on it; available here: "
+                         f"{shown}")
+    devices = available.get(parsed.type, [])
+    if not devices:
+        built = parsed.type != "cuda" or torch.backends.cuda.is_built()
+        why = "" if built else " (this torch is not compiled with CUDA)"
+        raise UsageError(f"--device {device}: no {parsed.type} device here{why}; available here: {shown}")
+    if parsed.index is not None and parsed.index >= len(devices):
+        raise UsageError(f"--device {device}: there {'is' if len(devices) == 1 else 'are'} {len(devices)} "
+                         f"{parsed.type} device{'s' * (len(devices) > 1)} here ({', '.join(devices)})")
+
+
+def _local_devices(torch) -> dict[str, list[str]]:
+    """``{device type: [device, ...]}`` of the devices a local model can load on here."""
+    found = {"cpu": ["cpu"]}
+    if torch.cuda.is_available():
+        found["cuda"] = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        found["mps"] = ["mps"]
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found["xpu"] = [f"xpu:{i}" for i in range(xpu.device_count())]
+    return found
 
 
 def _check_out(args) -> None:
@@ -392,37 +443,93 @@ def _out_name(module: types.ModuleType) -> str:
     return Path(module.__file__).stem if getattr(module, "__file__", None) else "result"
 
 
+# JSON-lines fields: {field: the keys that give it}; a line gives each field by at most one key.
+_FIELDS = {"prompt": ("clean", "prompt"), "corrupted": ("corrupted",), "target": ("answer", "target"),
+           "distractor": ("distractor",)}
+_KEYS = {key: field for field, keys in _FIELDS.items() for key in keys}
+# Keys the generators in nnattr.embedded.tasks write beside the inputs (ioi_pairs, ioi_prompts): read and ignored,
+# so their output is a prompts file as it is.
+_IGNORED_KEYS = ("order", "template", "io", "s", "place", "object")
+
+
 def _read_prompts(path: Path):
-    """Prompts (and, from JSON lines, corrupted prompts and answers) from a file."""
+    """Prompts (and, from JSON lines, corrupted prompts and answers) from a file: JSON lines when the
+    first non-blank line is a JSON object (or the name ends in .jsonl or .json), else one prompt per
+    line (blank lines skipped)."""
+    if path.is_dir():
+        raise UsageError(f"--prompts-file: {path} is a folder; give a file (one prompt per line, or JSON lines)")
     if not path.is_file():
         raise UsageError(f"--prompts-file: no such file: {path}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip() and not line.lstrip().startswith("#")]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--prompts-file: {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise UsageError(f"--prompts-file: {path} holds no prompts")
     fields = {"corrupted": None, "target": None, "distractor": None}
-    if path.suffix != ".jsonl":
-        return lines, fields
+    if not (_json_object(lines[0][1]) or path.suffix in (".jsonl", ".json")):
+        return [line for _, line in lines], fields
+    given = None  # the fields the first line gives: every line must give the same
+    columns = {field: [] for field in _FIELDS}
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--prompts-file: line {number} of {path} is not JSON ({error.msg} at column "
+                             f"{error.colno}); a JSON-lines file holds one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"--prompts-file: line {number} of {path} is not a JSON object but "
+                             f"{type(row).__name__} {line.strip()[:40]!r}; give one object per line")
+        found = _row_fields(row, number, path)
+        if "prompt" not in found:
+            raise UsageError(f"--prompts-file: line {number} of {path} has no 'clean' or 'prompt' field; every line "
+                             f"needs one")
+        if given is None:
+            given, first = {field: key for field, (key, _) in found.items()}, number
+        elif set(found) != set(given):
+            extra = [key for field, (key, _) in found.items() if field not in given]
+            missing = [key for field, key in given.items() if field not in found]
+            said = (f"gives {', '.join(map(repr, extra))}, which line {first} does not" if extra else
+                    f"lacks {', '.join(map(repr, missing))}, which line {first} gives")
+            raise UsageError(f"--prompts-file: line {number} of {path} {said}; every line must give the same fields")
+        for field, (_, value) in found.items():
+            columns[field].append(value)
+    fields.update({field: columns[field] for field in fields if field in given})
+    return columns["prompt"], fields
+
+
+def _json_object(line: str) -> bool:
+    """Whether a line is a JSON object: what makes a prompts file JSON lines, whatever its name."""
+    if not line.lstrip().startswith("{"):
+        return False
     try:
-        rows = [json.loads(line) for line in lines]
-    except json.JSONDecodeError as error:
-        raise UsageError(f"--prompts-file: {path} is not JSON lines ({error})") from None
-    key = "clean" if isinstance(rows[0], dict) and "clean" in rows[0] else "prompt"
-    for name, keys in ((key, (key,)), ("corrupted", ("corrupted",)), ("target", ("target", "answer")),
-                       ("distractor", ("distractor",))):
-        found = next((k for k in keys if isinstance(rows[0], dict) and k in rows[0]), None)
-        if found is None:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _row_fields(row: dict, number: int, path: Path) -> dict:
+    """``{field: (key, value)}`` of one JSON line, its keys and value types checked."""
+    found = {}
+    for key, value in row.items():
+        if key in _IGNORED_KEYS:
             continue
-        ids = name in ("target", "distractor")  # an answer may be a token id: an int
-        for i, row in enumerate(rows):
-            value = row.get(found) if isinstance(row, dict) else None
-            if not (isinstance(value, str) or (ids and isinstance(value, int) and not isinstance(value, bool))):
-                raise UsageError(f"--prompts-file: line {i + 1} of {path} has no {found!r} text"
-                                 + (" or token id" if ids else ""))
-        fields[name] = [row[found] for row in rows]
-    if fields.get(key) is None:
-        raise UsageError(f"--prompts-file: {path} needs a 'clean' or 'prompt' field on every line")
-    return fields.pop(key), fields
+        field = _KEYS.get(key)
+        if field is None:
+            close = difflib.get_close_matches(key, list(_KEYS), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UsageError(f"--prompts-file: line {number} of {path} has an unknown key {key!r}; {hint}known keys: "
+                             + ", ".join(map(repr, _KEYS)))
+        if field in found:
+            raise UsageError(f"--prompts-file: line {number} of {path} gives both " + " and ".join(
+                repr(k) for k in _FIELDS[field] if k in row) + ", two names of one field; give one")
+        ids = field in ("target", "distractor")  # an answer may be a token id: an int
+        if not (isinstance(value, str) or (ids and isinstance(value, int) and not isinstance(value, bool))):
+            raise UsageError(f"--prompts-file: line {number} of {path} has no {key!r} text"
+                             + (" or token id" if ids else "") + f" (got {json.dumps(value)[:40]})")
+        found[field] = (key, value)
+    return found
 
 
 def _quiet_when_piped() -> None:
@@ -441,8 +548,8 @@ def _load_model(args):
         if importlib.util.find_spec("accelerate") is None:
             raise ValueError(f"--device {args.device} needs the accelerate package: pip install accelerate")
         kwargs["device_map"] = args.device
-    if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().is_dir():
-        raise ValueError(f"no model folder at {args.model!r}")
+    if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().exists():
+        raise ValueError(f"no model folder at {args.model!r}")  # a file: nnattr.load says it is not a folder
     source = str(Path(args.model).expanduser()) if args.model.startswith("~") else args.model
     try:
         return nnattr.load(source, prepend_bos=getattr(args, "prepend_bos", None), **kwargs)

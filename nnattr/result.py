@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping
@@ -136,7 +137,14 @@ class Attribution:
         """Prompt ``i`` alone: the ``prompt`` dimension dropped, its padding stripped."""
         if self.dims[0] != "prompt":
             raise TypeError(f"indexing selects a prompt, but this result has dims {self.dims}")
-        i = range(len(self))[i]  # negative indices, and an IndexError that says so
+        n = len(self)
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"a result is indexed by prompt: give an int prompt index from 0 to {n - 1} (or -{n} "
+                            f"to -1 from the end; it has {n} prompt{'s' * (n != 1)}), not {i!r} ({type(i).__name__})")
+        if not -n <= i < n:
+            raise IndexError(f"prompt index {i} is out of range: this result has {n} prompt{'s' * (n != 1)}, so give "
+                             f"an int from 0 to {n - 1} (or -{n} to -1 from the end)")
+        i = int(i) % n
         values, dims = self.values[i], self.dims[1:]
         labels = {d: self.labels[d] for d in dims}
         if self.tokens is not None:
@@ -210,6 +218,12 @@ class Attribution:
 
     def top(self, k: int = 10, *, absolute: bool = True) -> list[tuple[tuple[str, ...], float]]:
         """The ``k`` largest entries (by magnitude when ``absolute``) as ``(labels, value)``."""
+        fix = f"top(k={k!r}): k is how many entries to list, a positive int (1, 2, ...)"
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"{fix}, not a {type(k).__name__}")
+        if k < 1:
+            raise ValueError(fix)
+        k = int(k)
         values, index = topk_flat(self.values, k, absolute=absolute)
         return [
             (tuple(self.labels[d][int(j)] for d, j in zip(self.dims, row)), float(v))
@@ -237,6 +251,16 @@ class Attribution:
         if "values" not in data and "results" in data:
             raise ValueError("this holds several results (one per node type, as a patching command writes): "
                              "read it with nnattr.result.read(path), which returns {node type: Attribution}")
+        if not isinstance(data, Mapping):
+            raise ValueError(f"not an Attribution: a {type(data).__name__}, where Attribution.to_dict() gives a dict "
+                             f"with 'dims', 'labels' and 'values'")
+        missing = [key for key in ("dims", "labels", "values") if key not in data]
+        if missing:
+            raise ValueError(f"not an Attribution: missing {', '.join(map(repr, missing))} (Attribution.to_dict() "
+                             f"gives 'dims', 'labels', 'values' and more; it has {sorted(map(str, data))[:8]})")
+        unlabelled = [d for d in data["dims"] if d not in data["labels"]]
+        if unlabelled:
+            raise ValueError(f"not an Attribution: dims {unlabelled} have no labels")
         values = torch.tensor(_none_to_nan(data["values"]), dtype=torch.float64)
         fields = {k: data[k] for k in ("method", "title", "by", "units", "metric", "meta", "per_prompt") if k in data}
         return cls(values.reshape([len(data["labels"][d]) for d in data["dims"]]), tuple(data["dims"]),

@@ -23,7 +23,7 @@ import nnsight
 import torch
 
 from nnattr import runner
-from nnattr.batch import Batch
+from nnattr.batch import Batch, not_an_int, prompt_groups
 from nnattr.kernels import SUMMARY_FIELDS, attention_summary, rollout_step  # by name: they travel to NDIF
 from nnattr.result import Attribution
 
@@ -53,15 +53,15 @@ def run(model, prompts, *, layer_idx: int | Literal["all"] = -1, residual: float
     layer_idx: the layer to summarise (negative counts from the end), or all for every layer.
     residual: identity weight mixed into every rollout layer.
     """
-    batch, every = Batch.of(model, prompts), layer_idx == "all"
-    n = batch.arch.n_layers
-    if not every and (isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not -n <= layer_idx < n):
+    batch, every = Batch.of(model, prompts), isinstance(layer_idx, str) and layer_idx == "all"
+    n, why = batch.arch.n_layers, "" if every else not_an_int(layer_idx, "layer")  # numpy ints are ints
+    if not every and (why or not -n <= layer_idx < n):
         raise ValueError(f"layer_idx={layer_idx!r}: give a layer from {-n} to {n - 1}, or 'all' "
-                         f"(the model has {n} layers)")
+                         f"(the model has {n} layers{why and '; ' + why})")
     if isinstance(residual, bool) or not isinstance(residual, (int, float)) or not 0.0 <= residual <= 1.0:
         raise ValueError(f"residual={residual!r}: the identity's weight must lie in [0, 1]")
     batch.arch.require_probabilities("attention summary metrics")
-    layers = list(range(n)) if every else [layer_idx % n]
+    layers = list(range(n)) if every else [int(layer_idx) % n]
     out = runner.run(trace, model, batch, layers=layers, residual=float(residual), batch_size=batch_size,
                      remote=remote, backend=backend)
     labels = {"prompt": batch.labels, **({"layer": [f"L{i}" for i in layers]} if every else {}),
@@ -82,27 +82,14 @@ def fields(result: Attribution) -> dict:
 
 
 def over(model, data: Iterable, *, batch_size: int = 32, **options) -> Attribution:
-    """One result over a dataset: ``data`` yields prompts (grouped ``batch_size`` at a time) or
-    batches (lists of prompts, run as given), each run with ``run(model, batch, **options)`` under
-    a progress bar. ``fields(over(...))`` is the dataset aggregate; ``.mean()``, ``.std()`` work."""
+    """One result over a dataset: ``data`` yields prompts (str, grouped ``batch_size`` at a time) or
+    batches (lists or tuples of str, run as given), each run with ``run(model, batch, **options)``
+    under a progress bar. ``fields(over(...))`` is the dataset aggregate; ``.mean()``, ``.std()`` work."""
     from tqdm.auto import tqdm
 
     batch_size = runner.check_batch_size(batch_size)  # None: every loose prompt in one batch
-
-    def batches():  # prompts grouped batch_size at a time and batches as given, in their order
-        group = []
-        for item in [data] if isinstance(data, str) else data:  # one string is one prompt, not characters
-            if isinstance(item, str):
-                group.append(item)
-            if group and (len(group) == batch_size or not isinstance(item, str)):
-                yield group
-                group = []
-            if not isinstance(item, str):
-                yield list(item)
-        if group:
-            yield group
-
-    bar = tqdm(batches(), desc=TITLE, unit="batch", disable=not runner.show_progress())
+    groups = prompt_groups(data, batch_size)  # one str is one prompt; any other item is refused, named
+    bar = tqdm(groups, desc=TITLE, unit="batch", disable=not runner.show_progress())
     parts = [run(model, b, batch_size=batch_size, **options) for b in bar]
     if not parts:
         raise ValueError("over(): data held no prompts")

@@ -16,6 +16,7 @@ probability and rank per position, so a few KB come back whatever the vocabulary
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal, Sequence
 
 import nnsight
@@ -58,20 +59,28 @@ def trace(model, batch: Batch, *, positions: str, k: int, remote=False, backend=
     return out
 
 
-def run(model, prompts, target=None, *, positions: Literal["all", "last"] = "all",
+def run(model, prompts, target=None, *, positions: Literal["all", "last"] | None = None,
         position: int | Sequence[int] | None = None, k: int = 5, batch_size: int | None = None, remote=False,
         backend=None) -> Attribution:
     """Logit lens: ``[prompt, layer, position]`` (one position: ``[prompt, layer]``).
 
     target: the token expected at the last (or read) position (default: the model's top prediction).
-    positions: decode every position ("all") or the last one only ("last").
+    positions: decode every position ("all") or the last one only ("last"); unset (None): all, or only position.
     position: decode only this one: -1 the last, 0 the first; one per prompt, or one for all.
     k: top tokens kept per cell.
     """
-    positions = "last" if position is not None else positions
+    if position is not None and positions == "all":
+        raise ValueError(f"positions='all' and position={position!r} ask for different things: position decodes one "
+                         f"position per prompt, positions='all' decodes every one; pass only one of them")
+    positions = "last" if position is not None else "all" if positions is None else positions
     batch = Batch.of(model, prompts, target).at(position)
-    if positions not in ("all", "last") or not 1 <= k <= batch.arch.d_vocab:
-        raise ValueError(f"positions={positions!r}, k={k}: expected 'all' or 'last', and 1 <= k <= the vocabulary")
+    if positions not in ("all", "last"):
+        raise ValueError(f"positions={positions!r}: expected 'all' (decode every position) or 'last'")
+    vocab = batch.arch.d_vocab  # k: numpy ints and whole floats (2.0) are fine
+    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not float(k).is_integer() or not 1 <= k <= vocab:
+        raise ValueError(f"k={k!r} ({type(k).__name__}): give the number of top tokens kept per cell, an int from 1 "
+                         f"to {vocab} (the vocabulary)")
+    k = int(k)
     out = runner.run(trace, model, batch, positions=positions, k=k, batch_size=batch_size, remote=remote,
                      backend=backend)
     keep = batch.lengths if positions == "all" else (1,) * len(batch)  # each prompt's own positions

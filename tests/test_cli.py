@@ -89,7 +89,7 @@ def test_prompts_files_and_quiet_progress(tiny_folder, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "\r" not in err and "it/s" not in err, "progress bars must be quiet when stderr is not a terminal"
     text = tmp_path / "prompts.txt"
-    text.write_text("# a comment\nw1 w2 w3\n\nw4 w5\n")
+    text.write_text("w1 w2 w3\n\nw4 w5\n")  # blank lines are skipped; every other line is a prompt
     assert main(["head-attribution", "--model", tiny_folder, "--prompts-file", str(text)]) == 0
     assert "mean over 2 prompts" in capsys.readouterr().out
 
