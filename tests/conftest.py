@@ -35,3 +35,15 @@ def tiny_folder(tmp_path_factory):
     tiny.hf_model("gpt2").save_pretrained(folder)
     tiny.tokenizer().save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and lose much on a shared machine: one thread for
+    the module (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

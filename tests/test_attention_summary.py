@@ -24,12 +24,7 @@ ARCHS = tiny.ARCHS  # every family: Conv1D + LayerNorm, fused NeoX, GQA + RMSNor
 SEED_KEYS = [*SUMMARY_FIELDS, "batch_size", "seq_length"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -42,12 +42,7 @@ MODULES = {"dla": direct_logit_attribution, "head_attribution": head_attribution
            "attribution_patching": attribution_patching, "activation_patching": activation_patching}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ from tests.support import tiny
 from tests import test_recipes as base
 from tests.test_recipes import DISTRACTORS, HEAD_EXACT, PROMPTS, TARGETS, close, ids, token
 
-zoo, one_thread = base.zoo, base.one_thread  # the same fixtures: sharpened tiny models, one thread
+zoo = base.zoo  # the same fixture: sharpened tiny models
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 AT = [2, -3, 0]  # one per prompt: from the start, from the end, the first token
 
