@@ -15,9 +15,9 @@ import torch
 import nnattr
 from nnattr.kernels import SUMMARY_FIELDS, attention_summary, rollout_step
 from nnattr.recipes import attention_summary as summary
+from tests import test_recipes as base
 from tests.support import tiny
 
-SHARPEN = 10.0  # x10 on every matrix: attention far from uniform, so the fields tell heads apart
 TOL = dict(atol=1e-5, rtol=0.0)  # float32 recipe vs float64-from-float32 loops
 PROMPTS = tiny.prompts(3)  # 5, 7 and 4 tokens: a left-padded batch
 ARCHS = tiny.ARCHS  # every family: Conv1D + LayerNorm, fused NeoX, GQA + RMSNorm, soft-capped sliding windows, ...
@@ -27,22 +27,7 @@ SEED_KEYS = [*SUMMARY_FIELDS, "batch_size", "seq_length"]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def zoo():
-    """``zoo(arch) -> (hf_model, nnattr_model)``, built once per module (same module objects)."""
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            hf = tiny.hf_model(arch)
-            with torch.no_grad():
-                for p in hf.parameters():
-                    if p.ndim == 2:
-                        p.mul_(SHARPEN)
-            cache[arch] = hf, nnattr.load(hf, tiny.tokenizer())
-        return cache[arch]
-
-    return get
+zoo = base.zoo  # the sharpened tiny models of tests/test_recipes.py: attention far from uniform
 
 
 def close(actual, expected, **tol):

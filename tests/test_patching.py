@@ -460,30 +460,11 @@ REPO, KEY = "nnattr-test/tiny-llama-patching", "6f1c0d3e-8a8b-4f7e-9d55-1f0c2b3a
 needs_ndif = pytest.mark.skipif(ndif is None, reason="needs the ndif server core (see .ci/run)")
 
 
-def _remote_pair():
-    """The client's model and the server's: same weights; the server's frozen, sdpa, no aliases."""
-    import copy
-
-    import nnsight
-
-    hf = build("llama")
-    hf.name_or_path = REPO
-    state = copy.deepcopy(hf.state_dict())
-
-    def server():
-        served = tiny.hf_model("llama", attn_implementation="sdpa")
-        served.load_state_dict(state)
-        served.name_or_path = REPO
-        return nnsight.TransformersModel(served, tokenizer=tiny.tokenizer())
-
-    return nnattr.load(hf, tiny.tokenizer()), server
-
-
 if ndif is not None:
-    from tests.support.fixtures import loopback_fixture
+    from tests.support.fixtures import client_and_server, loopback_fixture
     from tests.support.ndif_loopback import OLD_SERVER_IMPORT_WHITELIST, offline_repo_ids
 
-    REMOTE_CLIENT, _server_factory = _remote_pair()
+    REMOTE_CLIENT, _server_factory = client_and_server(build("llama"), "llama", REPO)  # frozen, sdpa, no aliases
     _loopback = loopback_fixture({REPO: _server_factory}, api_key=KEY, repo_ids=[REPO], api_keys={KEY},
                                  import_whitelist=OLD_SERVER_IMPORT_WHITELIST, remote_logging=False)
 

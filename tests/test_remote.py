@@ -9,7 +9,6 @@ GPT-2 and a Llama with grouped kv heads from `tests/support/tiny.py`, float32.
 
 from __future__ import annotations
 
-import copy
 import io
 import socket
 import time
@@ -48,19 +47,8 @@ TARGETS, DISTRACTORS = ["w5", "w17", "w42"], ["w9", "w3", "w60"]
 
 
 def pair(arch: str, repo_id: str):
-    """The client's nnattr model and a factory for the server's: separate instances, same weights;
-    the server's is a plain nnsight model (no nnattr aliases) with sdpa attention."""
-    hf = tiny.hf_model(arch)
-    hf.name_or_path = repo_id
-    state = copy.deepcopy(hf.state_dict())
-
-    def server():
-        served = tiny.hf_model(arch, attn_implementation="sdpa")
-        served.load_state_dict(state)
-        served.name_or_path = repo_id
-        return nnsight.TransformersModel(served, tokenizer=tiny.tokenizer())
-
-    return nnattr.load(hf, tiny.tokenizer()), server
+    """The client's nnattr model and a factory for the server's (`fixtures.client_and_server`)."""
+    return fixtures.client_and_server(tiny.hf_model(arch), arch, repo_id)
 
 
 CLIENTS, SERVERS = {}, {}

@@ -8,7 +8,6 @@ The server is `tests/support/ndif_loopback.py` with its fault switches (``hang``
 
 from __future__ import annotations
 
-import copy
 import socket
 import sys
 import time
@@ -23,7 +22,6 @@ pytest.importorskip(
     reason="needs the ndif server core: pip install --no-deps --ignore-requires-python ndif==0.1.2",
 )
 
-import nnattr
 from nnattr import remote
 from nnattr.recipes import attention_rollout, attention_summary, attention_views, direct_logit_attribution, logit_lens
 try:
@@ -47,21 +45,7 @@ NO_GRAPH = {
 }
 
 
-def _pair():
-    hf = tiny.hf_model("gpt2")
-    hf.name_or_path = REPO
-    state = copy.deepcopy(hf.state_dict())
-
-    def server():
-        served = tiny.hf_model("gpt2", attn_implementation="sdpa")
-        served.load_state_dict(state)
-        served.name_or_path = REPO
-        return nnsight.TransformersModel(served, tokenizer=tiny.tokenizer())
-
-    return nnattr.load(hf, tiny.tokenizer()), server
-
-
-MODEL, _SERVER = _pair()
+MODEL, _SERVER = fixtures.client_and_server(tiny.hf_model("gpt2"), "gpt2", REPO)
 _server = fixtures.loopback_fixture({REPO: _SERVER}, api_key=KEY, api_keys={KEY}, repo_ids=[REPO],
                                     remote_logging=False, session_timeout=20.0)
 

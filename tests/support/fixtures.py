@@ -24,6 +24,7 @@ import pytest
 from .ndif_loopback import LoopbackNDIF, client_config
 
 __all__ = [
+    "client_and_server",
     "TINY_REPO_ID",
     "WORDS",
     "loopback_fixture",
@@ -95,6 +96,28 @@ def tiny_gpt2_pair(
     client = tiny_gpt2(seed, attn_implementation)
     state = copy.deepcopy(client._module.state_dict())
     return client, lambda: tiny_gpt2(seed, server_attn_implementation, state)
+
+
+def client_and_server(hf: Any, arch: str, repo_id: str) -> tuple[Any, Callable[[], Any]]:
+    """The client's nnattr model over the built ``hf`` (a ``tests.support.tiny`` ``arch``) and a
+    factory for the server's: separate instances, same weights; the server's is a plain nnsight
+    model (no nnattr aliases) with sdpa attention, as NDIF serves it."""
+    import nnsight
+
+    import nnattr
+
+    from . import tiny
+
+    hf.name_or_path = repo_id
+    state = copy.deepcopy(hf.state_dict())
+
+    def server():
+        served = tiny.hf_model(arch, attn_implementation="sdpa")
+        served.load_state_dict(state)
+        served.name_or_path = repo_id
+        return nnsight.TransformersModel(served, tokenizer=tiny.tokenizer())
+
+    return nnattr.load(hf, tiny.tokenizer()), server
 
 
 def loopback_fixture(
