@@ -211,6 +211,8 @@ def _option(hint) -> dict | None:
         return {"type": int, "metavar": "N"}
     if hint is float:
         return {"type": float, "metavar": "X"}
+    if hint is str or str in args:  # a name or a folder that run() resolves (a lens, an SAE)
+        return {"type": str, "metavar": "TEXT"}
     return None
 
 
