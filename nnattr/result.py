@@ -50,6 +50,32 @@ def sum_error(parts: torch.Tensor, whole: torch.Tensor, *, what: str) -> list[fl
     return error.tolist()
 
 
+#: Integrated gradients' scores may miss ``f(x) − f(baseline)`` by this share of it before a warning.
+COMPLETENESS_TOLERANCE = 0.05
+
+
+class CompletenessWarning(UserWarning):
+    """Integrated gradients' scores miss ``f(x) − f(baseline)`` by more than `COMPLETENESS_TOLERANCE`."""
+
+
+def completeness_error(scores: torch.Tensor, gap: torch.Tensor, *, steps: int) -> list[float]:
+    """``Σ scores − gap`` per prompt (signed; ``scores: [prompt, position]`` with NaN or 0 padding,
+    ``gap: [prompt]`` = ``f(x) − f(baseline)``); a `CompletenessWarning` names the prompts whose error
+    is above `COMPLETENESS_TOLERANCE` × |gap| (and 1e-5) and says to raise ``steps``."""
+    error = scores.double().nansum(-1) - gap.double()
+    over = (error.abs() > (COMPLETENESS_TOLERANCE * gap.double().abs()).clamp(min=1e-5)).nonzero().flatten().tolist()
+    if over:
+        i = over[0]
+        warnings.warn(
+            f"integrated gradients' scores sum to {float(error[i] + gap[i]):+.4g} on prompt {i}, but f(x) − "
+            f"f(baseline) = {float(gap[i]):+.4g}: a completeness error of {float(error[i]):+.3g}, over "
+            f"{COMPLETENESS_TOLERANCE:.0%} of it ({len(over)} of {len(error)} prompts). The path integral is too "
+            f"coarse at steps={steps}: raise "
+            f"steps (e.g. to {4 * steps}); meta['completeness_error'] holds the largest gap", CompletenessWarning,
+            stacklevel=3)
+    return error.tolist()
+
+
 @dataclass(frozen=True)
 class Attribution:
     """Values, the names of their dimensions, and labels aligned with each dimension.
@@ -353,4 +379,4 @@ def _plain(v):
     return str(v)
 
 
-__all__ = ["Attribution", "POSITION_DIMS", "read"]
+__all__ = ["Attribution", "CompletenessWarning", "POSITION_DIMS", "completeness_error", "read"]
