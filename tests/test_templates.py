@@ -59,6 +59,7 @@ def test_a_renamed_edited_copy_runs_its_own_code(path, tmp_path, tiny_folder, ca
     copy.write_text(source.replace(f'"{title.group(1)}"', '"My own copy"', 1))  # one line changed
     pairs = "corrupted" in source.split("def run(")[1].split(")")[0]
     args = PAIR if pairs else ["--prompt", "w1 w2 w3 w4"]
+    args += ["--sae", "basis"] if "sae" in source.split("def run(")[1].split(")")[0] else []  # none ships for it
     out = run_as_main(copy, "--model", tiny_folder, *args, "--top", "2", capsys=capsys)
     assert "My own copy" in out, out  # the copy ran, not the installed recipe
     assert f"usage: python {copy.name}" in run_as_main(copy, "--help", capsys=capsys)
