@@ -57,6 +57,31 @@ def facts() -> list[str]:
     said.append(f"the final `to` draws most on the second `{token(ranked[0][1])}` ({ranked[0][0]:.2f})")
     said.append("(" + ", ".join(f"`{token(label)}` {value:.2f}" for value, label in ranked[1:5]) + ")")
 
+    from nnattr.features import SAE
+    from nnattr.lens import TunedLens, kl_by_layer
+    from nnattr.embedded.train_lens import HELDOUT_SEED, HELDOUT_TEXTS, texts
+    from nnattr.recipes import feature_attribution, token_attribution, token_circulation
+
+    heldout = texts(HELDOUT_TEXTS, seed=HELDOUT_SEED, split="test")
+    lens = TunedLens.load("tiny-ioi")
+    logit, tuned = kl_by_layer(model, heldout).tolist(), kl_by_layer(model, heldout, lens).tolist()
+    said.append(f"(KL {logit[0]:.3f} nats at the embeddings, {logit[2]:.3f} after layer 1); the tuned lens is much "
+                f"closer ({tuned[0]:.3f} and {tuned[2]:.3f})")
+    circ = token_circulation.run(model, clean, target, distractor)
+    ranks = [row[-1] for row in circ.per_prompt["rank"][0]]
+    said.append(f"the rank of `{answer}` goes {ranks[0]} → {ranks[1]} → {ranks[2]}: the model starts pointing at the "
+                f"answer after layer 1, whose attention writes {circ.per_prompt['attn'][0][1][-1]:+.1f} of it")
+    ig = token_attribution.run(model, clean, target, distractor, baseline="pad")[0]
+    (top1, v1), (top2, v2) = [(labels[0].split(":", 1)[1], v) for labels, v in ig.top(2)]
+    said.append(f"`{top1}` carries the most ({v1:+.1f}), then `{top2}` ({v2:+.1f})")
+    said.append(f"up to a completeness error of {abs(ig.meta['completeness_error']):.3g} at {ig.meta['steps']} steps")
+    features = feature_attribution.run(model, clean, target, distractor, sae=SAE.load("tiny-ioi"))[0]
+    named = dict(zip(features.labels["component"], features.values.tolist()))
+    (f1, a1), (f2, a2) = [(c.split("/f")[1], v) for c, v in sorted(named.items(), key=lambda kv: -abs(kv[1]))
+                          if "/f" in c][:2]
+    said.append(f"features {f1} ({a1:+.2f}) and {f2} ({a2:+.2f}) carry the most, and the SAE's error "
+                f"{named['resid_pre.2/error']:+.2f}")
+
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         main(["dla", "--by", "head", "--top", "5"])

@@ -6,10 +6,12 @@ dimensions (after ``single``)  picture
 ``layer, head``                layer × head heatmap, diverging colours centred at 0
 ``component`` / ``layer``      bar chart (TransformerLens labels: ``embed``, ``3_attn_out``)
 ``layer, position`` (lens)     table coloured by probability, top token written in each cell
+``layer, position`` (circ.)    target's lens logit and rank; attention, MLP panels below
 ``query, key``                 attention map over the prompt's tokens
 ``head, query, key`` (flow)    each head's map for the last query token
 ``layer, head, position``      token strip: all heads summed, then the top heads
 ``position``                   token strip
+``prompt, position`` (tokens)  token attribution of several prompts: prompt × position, each cell its token
 ``layer`` (lens, last only)    one lens column: the top token per layer
 ``layer, position`` (other)    layer × position heatmap over the prompt's tokens
 =============================  ===========================================================
@@ -44,10 +46,16 @@ def plot(attr, ax=None, **kw) -> Figure:
     Options: ``title`` (replaces the generated title), ``top`` (heads listed in a token
     strip, default 8), ``annotate`` (write values in the cells; default when they fit).
     """
+    if attr.method == "token_attribution" and attr.dims == ("prompt", "position") and len(attr) > 1:
+        return _token_rows(attr, ax, **kw)
     a = attr.single()
     dims = tuple(a.dims)
     if a.method == "logit_lens" and dims in (("layer", "position"), ("layer",)):
         return _lens(a, ax, **kw)
+    if a.method == "token_circulation" and dims == ("layer", "position"):
+        return _circulation(a, ax, **kw)
+    if a.method in ("feature_attribution", "feature_patching"):
+        return _features(a, ax, **kw)
     if dims == ("layer", "head"):
         return _heatmap(a, ax, signed=True, **kw)
     if dims == ("component",) and (a.by == "all" or len(a.labels["component"]) > 40):
@@ -335,13 +343,80 @@ def _lens(a, ax, *, title=None, **_) -> Figure:
         top_ax = ax.secondary_xaxis("top")
         top_ax.set_xticks(range(len(expected)), expected, rotation=90, fontsize=7, color="0.35")
         top_ax.set_xlabel("expected next token", fontsize=8, color="0.35")
-    name = f"{a.title}: each layer's residual decoded by the final norm and unembedding"
+    how = "translated by its tuned-lens translator, then decoded" if a.meta.get("lens") else "decoded"
+    name = f"{a.title}: each layer's residual {how} by the final norm and unembedding"
     if one:
         how = "cell text: top prediction (bold when it is the expected next token); colour: P(expected token)"
     else:
         how = "colour: probability of the expected next token" + (f" · {over_prompts(a)}" if over_prompts(a) else "")
     _title(ax, title or f"{name}\n{how}")
     _colorbar(fig, image, ax, "probability of the expected token")
+    return fig
+
+
+def _circulation(a, ax, *, title=None, split: bool = True, **_) -> Figure:
+    """The target's lens logit per layer × token, its rank in each cell; below it (one prompt, own
+    figure, ``split=True``) each layer's attention and MLP writes on the token's direction."""
+    values = _np(a.values)  # [layer, position]
+    layers, tokens = a.labels["layer"], _tokens(a, "position")
+    ranks, parts = a.meta.get("rank"), [a.meta.get(k) for k in ("attn", "mlp")]
+    split = split and ax is None and all(isinstance(p, list) for p in parts)
+    height = 0.34 * len(layers) + 0.3
+    fig, ax = _figure(ax, 2.6 + 0.5 * len(tokens), (3 * height + 2.2) if split else height + 1.6)
+    axes = [ax]
+    if split:
+        fig.delaxes(ax)
+        axes = list(fig.subplots(3, 1, sharex=True, height_ratios=[len(layers), len(layers) - 1, len(layers) - 1]))
+    norm = _signed_norm(values)
+    image = axes[0].imshow(values, cmap=DIVERGING, norm=norm, aspect="auto", origin="lower", interpolation="nearest")
+    if isinstance(ranks, list) and len(tokens) <= 40:
+        cm = colormaps[DIVERGING]
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                axes[0].text(j, i, str(ranks[i][j]), ha="center", va="center", fontsize=7, in_layout=False,
+                             color=_ink(cm(norm(v))), fontweight="bold" if ranks[i][j] == 0 else "normal")
+    _colorbar(fig, image, axes[0], a.units)
+    _ticks(axes[0], "y", layers)
+    axes[0].set_ylabel("residual after")
+    if split:
+        both = np.array(parts, dtype=float)  # [attn | mlp, layer, position]
+        norm = _signed_norm(both)
+        for ax_, part, name in zip(axes[1:], both, ("attention", "MLP")):
+            image = ax_.imshow(part, cmap=DIVERGING, norm=norm, aspect="auto", origin="lower", interpolation="nearest")
+            if len(tokens) <= 24:
+                _annotate(ax_, part, norm, DIVERGING, size=6)
+            _ticks(ax_, "y", layers[1:])
+            ax_.set_ylabel(f"{name} write", fontsize=9)
+        fig.colorbar(image, ax=axes[1:], shrink=0.9, pad=0.02).set_label("share of the change (logits)", fontsize=9)
+    _ticks(axes[-1], "x", tokens, rotate=True)
+    axes[-1].set_xlabel("token (position)")
+    text, _ = describe(a)
+    target = a.meta.get("target")
+    how = f"colour: the lens logit of {target!r}" if isinstance(target, str) else "colour: the target's lens logit"
+    how += "; cell: its rank (0 = top, bold)" if isinstance(ranks, list) else ""
+    if split:
+        how += ("\nbelow: each layer's attention and MLP writes on its direction through the final norm "
+                "(without the norm's rescale)")
+    _title(axes[0], title or f"{text}\n{how}")
+    return fig
+
+
+def _token_rows(a, ax, *, title=None, **_) -> Figure:
+    """Prompt × position (right-aligned): each cell coloured by its score and labelled with its own token."""
+    values, width, cm = _np(a.values), a.values.shape[1], colormaps[DIVERGING]  # [prompt, position], NaN padding
+    fig, ax = _figure(ax, 3.2 + 0.6 * width, 1.6 + 0.4 * len(values))
+    norm = _signed_norm(values)
+    image = ax.imshow(values, cmap=DIVERGING, norm=norm, aspect="auto", interpolation="nearest")
+    for i, tokens in enumerate(a.tokens):
+        for j, token in enumerate(tokens, start=width - len(tokens)):
+            ax.text(j, i, _display(token)[:8], ha="center", va="center", fontsize=6, in_layout=False,
+                    color=_ink(cm(norm(values[i, j]))) if np.isfinite(values[i, j]) else "0.4")
+    _ticks(ax, "x", a.labels["position"])
+    _ticks(ax, "y", [textwrap.shorten(p, 40) for p in a.labels["prompt"]])
+    ax.set_xlabel("position (from the last token)")
+    text, unit = describe(a)
+    _title(ax, title or text)
+    _colorbar(fig, image, ax, unit)
     return fig
 
 
@@ -458,3 +533,39 @@ def _strip(a, rows: np.ndarray, names: list[str], ax, *, total=None, title=None,
 
 
 __all__ = ["plot", "describe", "entry_label", "number", "DIVERGING", "SEQUENTIAL"]
+
+
+def _features(a, ax, *, title=None, top=None, **_) -> Figure:
+    """SAE features (`nnattr.features`): the ``top`` largest (default 15, per-position scores summed),
+    ranked, as coloured bars labelled ``<sae>/f<index>``; then, in grey, each SAE's other terms (the
+    other features, b_dec, the error, the rest), so what the features leave out stays in view."""
+    values = _np(a.values)
+    values = np.where(np.isnan(values).all(-1), np.nan, np.nansum(values, -1)) if values.ndim == 2 else values
+    labels, kinds = a.labels["component"], a.meta["components"]["kind"]
+    feats = [i for i, k in enumerate(kinds) if k == "feature" and not np.isnan(values[i])]
+    order = sorted(feats, key=lambda i: -abs(values[i]))[: top or 15]
+    terms = [i for i, k in enumerate(kinds) if k != "feature" and not np.isnan(values[i])]
+    rows = order + terms
+    bars = values[rows]
+    fig, ax = _figure(ax, 6.5, 1.4 + 0.26 * len(rows))
+    cm, norm = colormaps[DIVERGING], _signed_norm(bars[: len(order)] if order else bars)
+    fill = [cm(0.5 + 0.5 * max(0.35, abs(norm(v) - 0.5) * 2) * (1 if v >= 0 else -1)) for v in bars[: len(order)]]
+    fill += ["0.75"] * len(terms)
+    ax.barh(range(len(rows)), bars, color=fill, edgecolor="0.3", linewidth=0.5)
+    ax.axvline(0, color="0.2", linewidth=0.8)
+    if order and terms:
+        ax.axhline(len(order) - 0.5, color="0.5", linewidth=0.6, linestyle=":")
+    ax.set_yticks(range(len(rows)), [labels[i] for i in rows], fontsize=8)
+    ax.invert_yaxis()  # the largest feature on top
+    fmt = _fmt(bars)
+    for i, v in enumerate(bars):
+        ax.annotate(fmt.format(v), (v, i), xytext=(3 if v >= 0 else -3, 0), textcoords="offset points",
+                    ha="left" if v >= 0 else "right", va="center", fontsize=7)
+    ax.margins(x=0.15)
+    text, unit = describe(a)
+    if a.method == "feature_attribution" and isinstance(a.meta.get("logit"), float):
+        text += f"\neach SAE's bars sum to the logit ({a.meta['logit']:+.3f}); grey: not single features"
+    _title(ax, title or text)
+    ax.set_xlabel(unit, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    return fig

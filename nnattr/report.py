@@ -102,7 +102,11 @@ def build(model, prompts, *, corrupted=None, target=None, distractor=None, out="
         ("dla_head", "Direct logit attribution by head", _dla_head, {}),
         ("head_attribution", "Head attribution (gradient × activation)", _head_attribution, {}),
         ("logit_lens", "Logit lens", _logit_lens, {}),
+        ("tuned_lens", "Tuned lens", _tuned_lens, {}),
+        ("token_circulation", "Token circulation", _token_circulation, {}),
+        ("token_attribution", "Token attribution", _token_attribution, {}),
         ("rollout", "Attention rollout", _rollout, {}),
+        ("features", "SAE feature attribution", _features, {"corrupted": corrupted}),
         ("patching", "Attribution patching, confirmed by exact patching", _patching,
          {"corrupted": corrupted, "top": top}),
     ]
@@ -310,6 +314,91 @@ def _logit_lens(section, *, model, prompts, target, out, options, **_):
             "many prompts it is the top prediction, and the top predictions." + _aligned_text(len(result))))
 
 
+def _tuned_lens(section, *, model, prompts, out, options, **_):
+    from .embedded.train_lens import HELDOUT_SEED, HELDOUT_TEXTS, texts
+    from .lens import kl_by_layer, kl_plot, resolve
+    from .recipes import logit_lens as ll
+
+    try:
+        lens = resolve(model, "tuned")  # the lens shipped in the model's folder (tiny-ioi has one)
+    except (ValueError, FileNotFoundError) as error:
+        section.status, section.note = "unavailable", str(error).split(";")[0]
+        return
+    result = ll.run(model, prompts, positions="all", lens=lens, **options)
+    _figure(section, out, "tuned_lens.png", _aligned(result))
+    section.results["tuned_lens"] = result.to_dict()
+    shipped = lens.base_model == "tiny-ioi"  # its held-out texts are known: the table docs/methods/tuned_lens.md gives
+    heldout = texts(HELDOUT_TEXTS, seed=HELDOUT_SEED, split="test") if shipped else list(prompts.labels)
+    logit, tuned = kl_by_layer(model, heldout), kl_by_layer(model, heldout, lens)
+    fig = kl_plot({"logit lens": logit, "tuned lens": tuned})
+    fig.savefig(out / "tuned_lens_kl.png", dpi=110)
+    section.figures.append("tuned_lens_kl.png")
+    layers = result.labels["layer"]
+    section.tables.append((["residual after", "logit lens: KL to the output (nats)", "tuned lens: KL (nats)"],
+                           [[layer, f"{a:.3f}", f"{b:.3f}"] for layer, a, b in zip(layers, logit.tolist(),
+                                                                                    tuned.tolist())]))
+    section.results["kl_by_layer"] = {"layers": layers, "logit_lens": logit.tolist(), "tuned_lens": tuned.tolist(),
+                                      "texts": len(heldout), "held_out": shipped}
+    section.text = (
+        "The tuned lens (Belrose et al. 2023) decodes each layer's residual like the logit lens, after a learned "
+        "affine translator (h + A h + b, one per layer, trained to match the model's final distribution). The "
+        "first figure is the lens above read through it; the second compares the two lenses' KL divergence from "
+        "the model's output distribution, per layer, averaged over the real tokens of " + (
+            f"{len(heldout)} held-out texts (IOI and induction, never seen in the lens's training)" if shipped else
+            "the report's prompts") + ": lower is closer to what the model finally predicts.")
+
+
+def _token_circulation(section, *, model, prompts, out, options, **_):
+    from .recipes import token_circulation as tc
+
+    result = tc.run(model, prompts, **options)
+    _figure(section, out, "token_circulation.png", _aligned(result))
+    section.results["token_circulation"] = result.to_dict()
+    n, at_last = len(result), lambda key: [[row[-1] for row in p] for p in result.per_prompt[key]]  # noqa: E731
+    ranks, parts = at_last("rank"), [at_last(key) for key in ("attn", "mlp", "rescale")]  # [prompt][layer]
+    rows = []
+    for i, layer in enumerate(result.labels["layer"]):  # each prompt at its own last token (right-aligned)
+        split = [number(_mean([p[i - 1] for p in part])) if i else "" for part in parts]
+        top = str(ranks[0][i]) if n == 1 else f"{sum(r[i] == 0 for r in ranks)} of {n}"
+        rows.append([layer, number(_mean(result.values[:, i, -1].tolist())), top, *split])
+    mean = "" if n == 1 else f", mean over {n} prompts"
+    section.tables.append((["residual after", f"lens logit of the target{mean}", "target rank" if n == 1 else
+                            "target on top", "attention", "MLP", "rescale"], rows))
+    section.text = (
+        "Where the target token lives: every layer's residual, at every position, decoded with the model's own "
+        "final norm and unembedding (the logit lens), and the target's logit there; the cell text is its rank. "
+        "The table reads the last token: each layer's change of that logit splits exactly into the attention "
+        "write and the MLP write on the target's direction through the final norm (at the scale of the residual "
+        "after the layer, as DLA does at the last layer) and the rescale, the norm's change of scale applied to "
+        "what was already there. The first row where the rank reaches 0 is where the model starts pointing at "
+        "the target." + _aligned_text(n))
+
+
+def _token_attribution(section, *, model, prompts, out, options, **_):
+    from .recipes import token_attribution as ta
+
+    ig = ta.run(model, prompts, baseline="pad", **options)
+    try:
+        direct = _aligned(ta.run(model, prompts, method="attention", **options))
+    except ValueError as error:  # heads that are not exact (Gemma-2), or no attention probabilities
+        direct, section.note = None, f"direct path unavailable: {error}"
+    _figure(section, out, "token_attribution.png", ig)
+    section.results["token_attribution"] = ig.to_dict()
+    one = _aligned(ig)  # one prompt, or the mean aligned at the last token
+    rows = [[entry_label(one, labels), number(value)] +
+            ([] if direct is None else [number(direct.values[direct.labels["position"].index(labels[0])])])
+            for labels, value in one.top(8)]
+    section.tables.append((["input token", f"integrated gradients (pad baseline): {ig.units}"] +
+                           ([] if direct is None else ["direct path through attention"]), rows))
+    err, steps = ig.meta["completeness_error"], ig.meta["steps"]
+    section.text = (
+        f"Each input token's contribution to <b>{_metric_html(ig)}</b>: integrated gradients (Sundararajan et al. "
+        f"2017) over the vector entering the residual stream, from a baseline with every token replaced by the pad "
+        f"token ({steps} steps, one batch). The contributions sum to the metric minus its value on the baseline up to "
+        f"{number(err, signed=False)} (the completeness error). The last column keeps only the direct path through "
+        f"the heads' value reads: it leaves out MLPs and every path through later layers." + _aligned_text(len(ig)))
+
+
 def _rollout(section, *, model, prompts, out, options, **_):
     from .recipes import attention_rollout as ar
 
@@ -327,6 +416,34 @@ def _rollout(section, *, model, prompts, out, options, **_):
         "multiplied through the layers (Abnar &amp; Zuidema 2020). Rows sum to 1. A rough map of "
         "information flow: it ignores value vectors and MLPs, and mass piles up on the first token (an "
         "attention sink), hence the square-root colour scale." + _aligned_text(len(result)))
+
+
+def _features(section, *, model, prompts, corrupted, out, options, **_):
+    from .features import resolve
+    from .recipes import feature_attribution, feature_patching
+
+    try:
+        (sae,) = resolve(model, None)  # the SAE shipped with the model (tiny-ioi has one)
+    except ValueError as error:
+        section.status, section.note = "unavailable", str(error).split(":")[0]
+        return
+    result = feature_attribution.run(model, prompts, sae=sae, top_k=10, **options)
+    _figure(section, out, "features.png", result)
+    section.results["feature_attribution"] = result.to_dict()
+    section.tables.append((["feature", f"direct effect: {result.units}"], _top_rows(result, 8)))
+    section.text = (
+        f"The residual stream entering layer {sae.layer}, encoded by the shipped sparse autoencoder "
+        f"({sae.d_sae} features), splits <b>{_metric_html(result)}</b> exactly: each feature's activation times "
+        f"its decoder direction through the final norm (frozen scale), plus b_dec, the SAE's error and the rest "
+        f"(later layers and biases); they miss the model's value by {number(result.meta['sum_error'], signed=False)}.")
+    if corrupted is not None:
+        patched = feature_patching.run(model, prompts, corrupted, sae=sae, top_k=10, **options)
+        _figure(section, out, "feature_patching.png", patched)
+        section.results["feature_patching"] = patched.to_dict()
+        section.tables.append((["feature", f"feature patching: {patched.units}"], _top_rows(patched, 8)))
+        section.text += (
+            " Feature patching estimates, to first order, how much moving each feature from its corrupted value to "
+            "its clean one moves the corrupted prompt's metric (Marks et al. 2024).")
 
 
 def _patching(section, *, model, prompts, corrupted, target, distractor, out, options, top, progress=None, **_):

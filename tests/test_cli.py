@@ -140,8 +140,11 @@ def _check_report(folder) -> dict:
 def test_report_on_a_model_folder(tiny_folder, tmp_path, capsys):
     assert main(["report", "--model", tiny_folder, *PAIR, "--out", str(tmp_path / "r")]) == 0
     data = _check_report(tmp_path / "r")
-    assert {k: s["status"] for k, s in data["sections"].items()} == dict.fromkeys(
-        ["dla_component", "dla_head", "head_attribution", "logit_lens", "rollout", "patching"], "ok")
+    assert {k: s["status"] for k, s in data["sections"].items()} == {
+        **dict.fromkeys(["dla_component", "dla_head", "head_attribution", "logit_lens", "token_circulation",
+                         "token_attribution", "rollout", "patching"], "ok"),
+        "tuned_lens": "unavailable", "features": "unavailable"}  # none ships for this model
+    assert "no SAE ships for this model" in data["sections"]["features"]["note"]
     assert data["sections"]["patching"]["validation"]["head"]["n"] > 0
     assert "report written to" in capsys.readouterr().out
 

@@ -28,6 +28,11 @@ from nnattr import remote
 from nnattr.kernels import first
 from nnattr.recipes import attention_rollout, attention_views, direct_logit_attribution, head_attribution, logit_lens
 from nnattr.recipes import attention_summary
+from nnattr.features import SAE
+from nnattr.recipes import feature_attribution
+from nnattr.recipes import token_attribution
+from nnattr.lens import TunedLens  # a random tuned lens for both tiny models (2 layers, d_model 32)
+from nnattr.recipes import token_circulation
 try:
     from tests.support import fixtures, ndif_loopback, tiny
 except ModuleNotFoundError:  # plain `pytest` without `pythonpath = ["."]`
@@ -85,6 +90,13 @@ def _flat(x):
     return [v for item in x for v in _flat(item)] if isinstance(x, (list, tuple)) else [x]
 
 
+_g = torch.Generator().manual_seed(7)  # random SAEs for d_model 32: attn_out of layer 0, a TopK at resid_pre of 1
+FEATURE_SAES = [SAE(W_enc=torch.randn(32, 16, generator=_g) / 6, b_enc=torch.randn(16, generator=_g) / 10,
+                    W_dec=torch.randn(16, 32, generator=_g) / 3, b_dec=torch.randn(32, generator=_g) / 10, layer=layer,
+                    site=site, activation=activation, k=k) for layer, site, activation, k in
+                [(0, "attn_out", "relu", None), (1, "resid_pre", "topk", 8)]]
+
+
 RECIPES = {
     **{f"dla-{by}": (direct_logit_attribution, dict(by=by)) for by in ("component", "layer", "head", "head_position")},
     "dla-pair": (direct_logit_attribution, dict(target=TARGETS, distractor=DISTRACTORS, by="head")),
@@ -102,6 +114,18 @@ RECIPES = {
        for view in ("patterns", "value_weighted", "norm_based", "flow")},
     "summary-last": (attention_summary, {}),
     "summary-all": (attention_summary, dict(layer_idx="all", residual=0.3)),
+    "features-dla": (feature_attribution, dict(sae=FEATURE_SAES, top_k=5, target=TARGETS, distractor=DISTRACTORS)),
+    "features-dla-at": (feature_attribution, dict(sae=FEATURE_SAES[1], top_k=None, position=[2, -3, 0])),
+    "tokens-ig": (token_attribution, dict(target=TARGETS, distractor=DISTRACTORS, steps=3, baseline="pad",
+                                          position=[2, -1, 1])),
+    "tokens-ig-zero": (token_attribution, dict(steps=2)),
+    "tokens-grad": (token_attribution, dict(method="grad_x_input", target=TARGETS)),
+    "tokens-attention": (token_attribution, dict(method="attention", distractor=DISTRACTORS, position=-2)),
+    "lens-tuned": (logit_lens, dict(positions="all", k=3, lens=TunedLens(
+        torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(9)) / 8,
+        torch.randn(2, 32, generator=torch.Generator().manual_seed(10)) / 8, source="random"))),
+    "circulation": (token_circulation, {}),
+    "circulation-1layer-pair": (token_circulation, dict(target=TARGETS, distractor=DISTRACTORS, n_layers=1)),
 }
 
 
@@ -534,6 +558,12 @@ COPY_ARGS = {
     "attention_summary": dict(args=(PROMPTS,), kwargs=dict(layer_idx="all")),
     "attribution_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS), kwargs=dict(method="ig", steps=2)),
     "activation_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS), kwargs=dict(nodes=("attn", "head"), rows=4)),
+    "feature_attribution": dict(args=(PROMPTS, TARGETS, DISTRACTORS), kwargs=dict(sae=FEATURE_SAES, top_k=4,
+                                                                                  position=-2)),
+    "feature_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS),
+                             kwargs=dict(sae=FEATURE_SAES, top_k=4, per_position=True)),
+    "token_attribution": dict(args=(PROMPTS, TARGETS, DISTRACTORS), kwargs=dict(steps=2, baseline="bos")),
+    "token_circulation": dict(args=(PROMPTS, TARGETS, DISTRACTORS), kwargs=dict(n_layers=2)),
 }
 # What a user changes in a copy of the trace: a variable renamed, and an extra value saved.
 EDITS = {
@@ -564,6 +594,18 @@ EDITS = {
     "activation_patching": [("patches", "patches_by_layer"), ("                outs.append(value(model.output.logits, owners).cpu())\n",
                                                    "                outs.append(value(model.output.logits, owners).cpu())\n"
                                                    "                metric_seen = nnsight.save(outs[-1])\n")],
+    "token_circulation": [("scales", "norm_scales"),
+                          ("            u = residual_direction(",
+                           "            unembed_seen = nnsight.save(model.lm_head.weight[:3])\n            u = residual_direction(")],
+    "token_attribution": [("grads", "path_grads"), ("        model.layers[0].input = path\n",
+                                                   "        model.layers[0].input = path\n"
+                                                   "        start_seen = nnsight.save(base.detach())\n")],
+    "feature_attribution": [("constant", "bias_share"), ("            resid = read_at(model.ln_f.input, at)  # [batch, d_model]\n",
+                                                          "            resid = read_at(model.ln_f.input, at)  # [batch, d_model]\n"
+                                                          "            resid_seen = nnsight.save(resid)\n")],
+    "feature_patching": [("clean_metric", "clean_value"), ("            values = value(model.output.logits)  # [pair]\n",
+                                                          "            values = value(model.output.logits)  # [pair]\n"
+                                                          "            values_seen = nnsight.save(values.detach())\n")],
 }
 
 

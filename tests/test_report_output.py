@@ -231,10 +231,9 @@ def _stub_sections(monkeypatch, failing=()):
                 raise error
         return run
 
-    for key, name in (("dla_component", "_dla_component"), ("dla_head", "_dla_head"),
-                      ("head_attribution", "_head_attribution"), ("logit_lens", "_logit_lens"),
-                      ("rollout", "_rollout"), ("patching", "_patching")):
-        monkeypatch.setattr(report, name, stub(key, dict(failing).get(key)))
+    for key in ("dla_component", "dla_head", "head_attribution", "logit_lens", "tuned_lens", "token_circulation",
+                "token_attribution", "rollout", "features", "patching"):
+        monkeypatch.setattr(report, f"_{key}", stub(key, dict(failing).get(key)))
 
 
 def test_a_failed_section_is_named_in_the_last_line_and_exits_1(monkeypatch, tiny_folder, tmp_path, capsys):
@@ -242,18 +241,18 @@ def test_a_failed_section_is_named_in_the_last_line_and_exits_1(monkeypatch, tin
     assert main(["report", "--model", tiny_folder, *PAIR, "--out", str(tmp_path / "r")]) == 1
     out, err = capsys.readouterr()
     last = out.strip().splitlines()[-1]
-    assert last.endswith("but 2 of 6 sections failed: dla_head, rollout"), last
+    assert last.endswith("but 2 of 10 sections failed: dla_head, rollout"), last
     assert "Attention rollout: failed (ValueError: no)" in err
     _stub_sections(monkeypatch)
     assert main(["report", "--model", tiny_folder, *PAIR, "--out", str(tmp_path / "r")]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("index.html (6 sections)")
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("index.html (10 sections)")
 
     def unavailable(section, **_):
         section.status, section.note = "unavailable", "needs a corrupted prompt per prompt (--corrupted)"
 
     monkeypatch.setattr(report, "_patching", unavailable)
     assert main(["report", "--model", tiny_folder, *PAIR, "--out", str(tmp_path / "r")]) == 0, "not a failure"
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("(6 sections; unavailable: patching)")
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("(10 sections; unavailable: patching)")
 
 
 class KernelStream(io.StringIO):
@@ -278,5 +277,5 @@ def test_progress_in_a_notebook_and_quiet_under_pytest(monkeypatch, tiny_folder,
     report.build(model, ["w1 w2"], out=tmp_path / "notebook")
     list(runner.chunks(lambda start, chunk, backend: chunk, list(range(3)), batch_size=1, desc="Trace"))
     shown = stream.getvalue()
-    assert "[1/6] Direct logit attribution by component" in shown and "[6/6] Attribution patching" in shown
+    assert "[1/10] Direct logit attribution by component" in shown and "[10/10] Attribution patching" in shown
     assert "Trace" in shown and "prompt" in shown

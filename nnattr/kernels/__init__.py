@@ -52,3 +52,7 @@ from .patching import (
     patched_rows,
     path_gradient,
 )
+from .circulation import position_direct_logit, token_logit_rank
+from .tuned import kl_to_final, translate
+from .features import ACTIVATIONS, feature_direct_logit, feature_patching_scores, sae_decode, sae_encode, top_features
+from .tokens import ig_path, integrated_gradients, riemann_mean, source_direct_logit, token_scores
