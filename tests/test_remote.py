@@ -42,7 +42,8 @@ loopback_fixture, LoopbackNDIF = fixtures.loopback_fixture, ndif_loopback.Loopba
 client_config, offline_repo_ids = ndif_loopback.client_config, ndif_loopback.offline_repo_ids
 OLD_SERVER_IMPORT_WHITELIST = ndif_loopback.OLD_SERVER_IMPORT_WHITELIST
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60),  # few IG steps on purpose: parity, not completeness
+              pytest.mark.filterwarnings("ignore::nnattr.result.CompletenessWarning")]
 
 KEY = "6f1c0d3e-8a8b-4f7e-9d55-1f0c2b3a4d5e"  # a well-formed key the server accepts
 REPOS = {"gpt2": "nnattr-test/tiny-gpt2", "llama": "nnattr-test/tiny-llama-gqa"}
