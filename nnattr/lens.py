@@ -159,6 +159,15 @@ class TunedLens:
                 f"{self.n_layers} translators of d_model {self.d_model}, but the model {_name(model)!r} has "
                 f"{d.n_layers} layers of d_model {d.d_model}: load the lens trained for this model, or train one "
                 f"with nnattr.lens.TunedLens.train(model, texts)")
+        named = str(getattr(getattr(model, "config", model), "name_or_path", "") or "")  # unnamed: nothing to compare
+        name = _name(model)
+        if self.base_model and named and self.base_model not in (name, pathlib.Path(name).name):
+            import warnings
+
+            warnings.warn(f"this tuned lens ({self.source}) was trained for {self.base_model!r}, and the model is "
+                          f"{name!r}: same sizes, but its translators fit the other model's residual stream. Load "
+                          f"the lens trained for this model, or train one with nnattr.lens.TunedLens.train",
+                          stacklevel=3)
         return self
 
     def translate(self, h: torch.Tensor, layer: int) -> torch.Tensor:

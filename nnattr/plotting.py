@@ -391,9 +391,12 @@ def _circulation(a, ax, *, title=None, split: bool = True, **_) -> Figure:
     _ticks(axes[-1], "x", tokens, rotate=True)
     axes[-1].set_xlabel("token (position)")
     text, _ = describe(a)
-    target = a.meta.get("target")
+    target, other = a.meta.get("target"), a.meta.get("distractor")
     how = f"colour: the lens logit of {target!r}" if isinstance(target, str) else "colour: the target's lens logit"
-    how += "; cell: its rank (0 = top, bold)" if isinstance(ranks, list) else ""
+    if isinstance(target, str) and isinstance(other, str):  # a logit difference; the rank is the target's own
+        how = f"colour: lens logit({target!r}) − logit({other!r})"
+    how += f"; cell: the rank of {target!r} (0 = top, bold)" if isinstance(ranks, list) and isinstance(target, str) \
+        else "; cell: the target's rank (0 = top, bold)" if isinstance(ranks, list) else ""
     if split:
         how += ("\nbelow: each layer's attention and MLP writes on its direction through the final norm "
                 "(without the norm's rescale)")
@@ -564,7 +567,7 @@ def _features(a, ax, *, title=None, top=None, **_) -> Figure:
     ax.margins(x=0.15)
     text, unit = describe(a)
     if a.method == "feature_attribution" and isinstance(a.meta.get("logit"), float):
-        text += f"\neach SAE's bars sum to the logit ({a.meta['logit']:+.3f}); grey: not single features"
+        text += f"\neach SAE's bars sum to the model's value ({a.meta['logit']:+.3f}); grey: not single features"
     _title(ax, title or text)
     ax.set_xlabel(unit, fontsize=9)
     ax.grid(axis="x", alpha=0.3)

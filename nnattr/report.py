@@ -290,10 +290,10 @@ def _logit_lens(section, *, model, prompts, target, out, options, **_):
     if isinstance(top, list):
         rows = [[layer, ", ".join(f"{t.strip()!r} {number(p, signed=False)}" for t, p in zip(top[i][-1][:3],
                                                                                           probs[i][-1][:3])),
-                 number(values[i, -1], signed=False), str(int(ranks[i][-1]) + 1)]
+                 number(values[i, -1], signed=False), str(int(ranks[i][-1]))]
                 for i, layer in enumerate(one.labels["layer"])]
         section.tables.append((["residual after", "top 3 at the last position (probability)", "P(target)",
-                                "target rank"], rows))
+                                "target rank (0 = top)"], rows))
         section.results["prediction"] = [[t, p] for t, p in zip(top[-1][-1], probs[-1][-1])]
     else:  # several prompts: at each one's last token, where the target is
         top, ranks, n = result.per_prompt["top_tokens"], result.per_prompt["target_rank"], len(result)
@@ -362,8 +362,9 @@ def _token_circulation(section, *, model, prompts, out, options, **_):
         top = str(ranks[0][i]) if n == 1 else f"{sum(r[i] == 0 for r in ranks)} of {n}"
         rows.append([layer, number(_mean(result.values[:, i, -1].tolist())), top, *split])
     mean = "" if n == 1 else f", mean over {n} prompts"
-    section.tables.append((["residual after", f"lens logit of the target{mean}", "target rank" if n == 1 else
-                            "target on top", "attention", "MLP", "rescale"], rows))
+    section.tables.append((["residual after", f"lens {result.metric or 'logit of the target'}{mean}",
+                            "target rank (0 = top)" if n == 1 else "target on top", "attention", "MLP", "rescale"],
+                           rows))
     section.text = (
         "Where the target token lives: every layer's residual, at every position, decoded with the model's own "
         "final norm and unembedding (the logit lens), and the target's logit there; the cell text is its rank. "
@@ -430,7 +431,7 @@ def _features(section, *, model, prompts, corrupted, out, options, **_):
     result = feature_attribution.run(model, prompts, sae=sae, top_k=10, **options)
     _figure(section, out, "features.png", result)
     section.results["feature_attribution"] = result.to_dict()
-    section.tables.append((["feature", f"direct effect: {result.units}"], _top_rows(result, 8)))
+    section.tables.append((["feature", result.units], _top_rows(result, 8)))
     section.text = (
         f"The residual stream entering layer {sae.layer}, encoded by the shipped sparse autoencoder "
         f"({sae.d_sae} features), splits <b>{_metric_html(result)}</b> exactly: each feature's activation times "

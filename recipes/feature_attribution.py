@@ -18,7 +18,7 @@ Wire: the SAE weights go with the request; only the top features' scores come ba
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import nnsight
 import torch
@@ -63,18 +63,19 @@ def trace(model, batch: Batch, *, saes: list, sites: list, top_k: int | None, re
 
 
 def run(model, prompts, target=None, distractor=None, *, sae: features.SAEs | None = None,
-        top_k: int | None = 20, position: int | Sequence[int] = -1, batch_size: int | None = None,
+        top_k: int | Literal["all"] | None = 20, position: int | Sequence[int] = -1, batch_size: int | None = None,
         remote=False, backend=None) -> features.Attribution:
     """DLA of each SAE feature at one position (see the module doc).
 
     target: the answer token (default: the model's top prediction).
     distractor: subtract this token's logit (a logit difference).
-    sae: an SAE, a SAELens folder, a shipped SAE ('tiny-ioi'), or a list (default: tiny-ioi's own on tiny-ioi).
-    top_k: features kept per SAE and prompt, by magnitude (None: all).
+    sae: an SAE, a SAELens folder, a shipped SAE ('tiny-ioi'), 'basis' (the residual basis), or a list in Python.
+    top_k: features kept per SAE and prompt, by magnitude ('all' or None: all).
     position: the token whose logit is read: -1 the last, 0 the first; one per prompt, or one for all.
     """
+    top_k = None if top_k == "all" else top_k
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r}: give a positive int (features per SAE and prompt), or None for all")
+        raise ValueError(f"top_k={top_k!r}: give a positive int (features per SAE and prompt), or 'all' (or None)")
     batch = Batch.of(model, prompts, target, distractor).at(position)
     saes = features.resolve(model, sae)
     out = runner.run(trace, model, batch, saes=[s.tensors() for s in saes], top_k=top_k,

@@ -26,7 +26,7 @@ from nnattr.kernels import (  # kernels by name: they travel to NDIF
 from nnattr.result import Attribution, completeness_error
 
 TITLE, UNITS = "Token attribution", "contribution to the metric (logits)"
-HOW = {"ig": "integrated gradients, {steps} steps, {baseline} baseline", "grad_x_input": "gradient × input embedding",
+HOW = {"ig": "integrated gradients, {steps} steps, {baseline} baseline", "grad_x_input": "gradient × input",
        "attention": "direct path through attention"}
 
 
@@ -76,7 +76,7 @@ def run(model, prompts, target=None, distractor=None, *, method: Literal["ig", "
 
     target: the answer token (default: the model's top prediction at the read position).
     distractor: subtract this token's logit (a logit difference).
-    method: integrated gradients (ig), gradient x input embedding, or the direct path through attention.
+    method: integrated gradients (ig), gradient x input (token + position), or the direct path through attention.
     steps: intervals on the integrated-gradients path (default 64; steps + 1 forwards, one batch).
     baseline: where integrated gradients starts: zero embeddings (default), or every token pad or BOS.
     position: the token whose logit is the metric: -1 the last, 0 the first; one per prompt, or one for all.

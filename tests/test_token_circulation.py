@@ -189,5 +189,5 @@ def test_the_embedded_model_as_the_docs_quote_it():
     fig = result.plot()
     panels = lambda fig: [ax.get_ylabel() for ax in fig.axes if ax.get_label() != "<colorbar>"]  # noqa: E731
     assert panels(fig) == ["residual after", "attention write", "MLP write"]
-    assert "rank (0 = top, bold)" in fig.texts[0].get_text() and len(fig.axes[0].texts) == 4 * 15
+    assert "of 'Mary' (0 = top, bold)" in fig.texts[0].get_text() and len(fig.axes[0].texts) == 4 * 15
     assert panels(circulation.run(model, [IOI, IOI.replace("Mary", "Anna")]).plot()) == ["residual after"]  # a mean

@@ -263,3 +263,15 @@ def test_a_lens_for_another_model_is_refused_naming_both():
         logit_lens.run(model, PROMPTS, lens=3)
     with pytest.raises(ValueError, match=r"weight \[layer, d_model, d_model\]"):
         TunedLens(torch.zeros(2, 32, 31), torch.zeros(2, 32))
+
+
+def test_a_lens_recorded_for_another_model_of_the_same_sizes_is_warned_about(ioi):
+    model, prompt = ioi, "When Mary and John went to the store , John gave a drink to"
+    other = TunedLens(torch.zeros(3, 128, 128), torch.zeros(3, 128), base_model="gpt2", source="zeros")
+    with pytest.warns(UserWarning, match=r"trained for 'gpt2', and the model is 'tiny-ioi'"):
+        logit_lens.run(model, prompt, lens=other)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logit_lens.run(model, prompt, lens="tuned")  # its own lens: no word
