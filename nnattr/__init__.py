@@ -6,10 +6,10 @@
 >>> result = direct_logit_attribution.run(model, "When Mary and John went to the store , John gave a drink to")
 """
 
-from .arch import ArchSpec, dims, spec_for, supported
+from .arch import ArchSpec, dims, register, spec_for, supported
 from .batch import Batch
 from .loading import load
 from .result import Attribution
 
 __version__ = "0.1.0"
-__all__ = ["Attribution", "ArchSpec", "Batch", "dims", "load", "spec_for", "supported", "__version__"]
+__all__ = ["Attribution", "ArchSpec", "Batch", "dims", "load", "register", "spec_for", "supported", "__version__"]

@@ -25,10 +25,10 @@ Adding an architecture is a new record in ``SPECS``; see ``docs/architectures.md
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
 
 NormKind = Literal["layernorm", "rmsnorm"]
-ValueLayout = Literal["separate", "gpt2_fused", "neox_fused"]
+ValueLayout = Literal["separate", "gpt2_fused", "neox_fused", "qkv_blocks", "grouped_qkv"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,12 @@ class ArchSpec:
     value_layout: ValueLayout = "separate"
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
     head_exact: bool = True  # False where head contributions pass a nonlinearity first
+    eps: float | None = None  # the final norm's epsilon where the config has none (OPT: nn.LayerNorm's 1e-5)
+    kv_heads: Callable[[Any], int] | None = None  # kv heads from the config, where no config key says (Falcon)
+    unsupported: Callable[[Any], str | None] | None = None  # why a config of the family is refused, or None
+    experts: str | None = None  # MoE: the experts module, relative to the MLP (see `Arch.n_experts`)
+    n_experts_key: str | None = None  # MoE: the config key holding the number of experts
+    attention_sinks: bool = False  # learned per-head sink logits: returned probabilities sum to < 1
 
     @property
     def embeddings(self) -> tuple[str, ...]:
@@ -87,6 +93,8 @@ class ArchSpec:
             aliases[self.attn] = attn_aliases
         if mlp_aliases:
             aliases[self.mlp] = mlp_aliases
+        if self.experts and self.experts != "experts":
+            aliases[f"{self.mlp}.{self.experts}"] = f"{self.mlp}.experts"
         # A dotted alias binds on the envoy its prefix names (the native attention module).
         for native, alias in ((self.o_proj, "o_proj"), (self.v_proj, "v_proj")):
             if native != alias:
@@ -150,9 +158,140 @@ SPECS: tuple[ArchSpec, ...] = (
         head_exact=False,
         **_LLAMA_LIKE,
     ),
+    ArchSpec(family="Qwen3", model_types=("qwen3",), **_LLAMA_LIKE),  # QK-norm: inside attention, DLA unaffected
+    ArchSpec(family="Qwen3-MoE", model_types=("qwen3_moe",), experts="experts", n_experts_key="num_experts",
+             **_LLAMA_LIKE),
+    ArchSpec(family="Mixtral", model_types=("mixtral",), experts="experts", n_experts_key="num_local_experts",
+             **_LLAMA_LIKE),
+    ArchSpec(  # norms after each sub-layer, before the residual add; no pre-norms
+        family="OLMo-2",
+        model_types=("olmo2",),
+        attn_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+        head_exact=False,
+        **_LLAMA_LIKE,
+    ),
+    ArchSpec(
+        family="OLMo-3",
+        model_types=("olmo3",),
+        attn_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+        head_exact=False,
+        **_LLAMA_LIKE,
+    ),
+    ArchSpec(
+        family="Gemma-3",
+        model_types=("gemma3_text",),
+        attn_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+        norm_weight_offset=1.0,
+        head_exact=False,
+        **_LLAMA_LIKE,
+    ),
+    ArchSpec(family="GPT-OSS", model_types=("gpt_oss",), experts="experts", n_experts_key="num_local_experts",
+             attention_sinks=True, **_LLAMA_LIKE),
 )
 
-_BY_TYPE = {t: spec for spec in SPECS for t in spec.model_types}
+
+
+def _falcon_kv_heads(config) -> int:
+    """Falcon's kv heads: ``num_kv_heads`` groups (new decoder architecture), one (multi-query), or one per head."""
+    if config.new_decoder_architecture:
+        return config.num_kv_heads
+    return 1 if config.multi_query else config.num_attention_heads
+
+
+def _opt_unsupported(config) -> str | None:
+    """Why nnattr refuses OPT: every configuration (the MLP write), and the post-norm / projected ones besides."""
+    reasons = ["its decoder layer flattens the residual stream to [batch * pos, d_model] around fc1/fc2, so no "
+               "module outputs the MLP's write as [batch, pos, d_model] (fc2's output is [batch * pos, d_model]); "
+               "nnattr reads every write as a module output, and DLA, patching and token circulation need that shape"]
+    reasons.append(_opt_layout(config))
+    return "; and ".join(r for r in reasons if r) + ". Use GPT-2 or Pythia (GPT-NeoX) for a LayerNorm model instead"
+
+
+def _opt_layout(config) -> str | None:
+    """OPT configurations whose residual stream is not a sum of writes read through one final norm."""
+    if not config.do_layer_norm_before:
+        return ("do_layer_norm_before=False (post-norm, OPT-350m): each sub-layer's sum passes a LayerNorm, so the "
+                "residual stream is not a sum of writes and DLA, patching and the lens would not be exact")
+    if getattr(config, "_remove_final_layer_norm", False):
+        return "_remove_final_layer_norm=True: there is no final norm for DLA and the lens to read through"
+    if config.word_embed_proj_dim != config.hidden_size:
+        return (f"word_embed_proj_dim={config.word_embed_proj_dim} != hidden_size={config.hidden_size}: "
+                f"project_in/project_out sit between the residual stream and the (un)embedding")
+    return None
+
+
+SPECS += (  # issue 14, group B: parallel blocks (GPT-J, Falcon), OPT, Phi-3
+    ArchSpec(  # parallel block: attn(ln_1(h)) + mlp(ln_1(h)) + h; the writes are still attn and mlp outputs
+        family="GPT-J",
+        model_types=("gptj",),
+        embed="transformer.wte",
+        layers="transformer.h",
+        attn="attn",
+        o_proj="out_proj",
+        v_proj="v_proj",
+        mlp="mlp",
+        ln_f="transformer.ln_f",
+        norm="layernorm",
+        eps_key="layer_norm_epsilon",
+    ),
+    ArchSpec(  # fused query_key_value, per kv group [queries | k | v]; parallel (or sequential) block
+        family="Falcon",
+        model_types=("falcon",),
+        embed="transformer.word_embeddings",
+        layers="transformer.h",
+        attn="self_attention",
+        o_proj="dense",
+        v_proj="query_key_value",
+        mlp="mlp",
+        ln_f="transformer.ln_f",
+        norm="layernorm",
+        eps_key="layer_norm_epsilon",
+        value_layout="grouped_qkv",
+        kv_heads=_falcon_kv_heads,
+    ),
+    ArchSpec(  # no MLP module: fc1 -> act -> fc2 in the layer, fc2's output is the MLP's write
+        family="OPT",
+        model_types=("opt",),
+        embed="model.decoder.embed_tokens",
+        pos_embed="model.decoder.embed_positions",
+        layers="model.decoder.layers",
+        attn="self_attn",
+        o_proj="out_proj",
+        v_proj="v_proj",
+        mlp="fc2",
+        ln_f="model.decoder.final_layer_norm",
+        norm="layernorm",
+        eps_key="layer_norm_eps",
+        eps=1e-5,
+        unsupported=_opt_unsupported,
+    ),
+    ArchSpec(family="Phi-3", model_types=("phi3",), value_layout="qkv_blocks",
+             **{**_LLAMA_LIKE, "v_proj": "qkv_proj"}),  # fused [q | k | v] (GQA) and gate_up_proj
+)
+
+_BY_TYPE = {t: spec for spec in SPECS for t in spec.model_types}  # `register` adds to it: the one lookup
+
+
+def register(spec: ArchSpec, *, replace: bool = False) -> ArchSpec:
+    """Make ``spec`` the spec of its ``model_types`` in this process, without editing nnattr.
+
+    `nnattr.load` validates a registered spec on the model it loads (`nnattr.spec_check`). A
+    ``model_type`` nnattr already knows keeps its spec unless ``replace=True``. To use a spec for
+    one model only, pass it to ``nnattr.load(model, spec=...)`` instead. See docs/architectures.md.
+    """
+    if not isinstance(spec, ArchSpec):
+        raise TypeError(f"register() takes an ArchSpec, got {type(spec).__name__}")
+    if not spec.model_types or not all(isinstance(t, str) for t in spec.model_types):
+        raise ValueError(f"ArchSpec(family={spec.family!r}) needs model_types: a tuple of config.model_type strings")
+    taken = sorted(t for t in spec.model_types if _BY_TYPE.get(t, spec) != spec)
+    if taken and not replace:
+        raise ValueError(f"model_type {taken[0]!r} already has the spec {_BY_TYPE[taken[0]].family!r}: pass "
+                         f"replace=True to use yours in this process, or nnattr.load(model, spec=...) for one model")
+    _BY_TYPE.update(dict.fromkeys(spec.model_types, spec))
+    return spec
 
 
 def supported() -> list[str]:
@@ -167,15 +306,21 @@ def spec_for(model_or_config) -> ArchSpec:
     >>> spec_for(GPT2Config()).family
     'GPT-2'
     """
+    given = getattr(model_or_config, "_nnattr_spec", None)  # nnattr.load(model, spec=...)
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
-    if model_type not in _BY_TYPE:
+    if not isinstance(given, ArchSpec) and model_type not in _BY_TYPE:
         raise ValueError(
             f"nnattr does not support model_type={model_type!r}. Supported: "
-            f"{', '.join(supported())}. Adding one is a single ArchSpec record in nnattr/arch.py: "
-            f"follow the checklist in docs/architectures.md."
+            f"{', '.join(supported())}. Describe it from Python without editing nnattr: "
+            f"nnattr.load(model, spec=nnattr.ArchSpec(...)) or nnattr.register(nnattr.ArchSpec(...)) "
+            f"(checked on the model when it is loaded); see the walkthrough in docs/architectures.md."
         )
-    return _BY_TYPE[model_type]
+    spec = given if isinstance(given, ArchSpec) else _BY_TYPE[model_type]
+    reason = spec.unsupported(config) if spec.unsupported else None
+    if reason:
+        raise ValueError(f"nnattr does not support this {spec.family} configuration: {reason}")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -195,19 +340,24 @@ class Dims:
 def dims(model_or_config) -> Dims:
     """Sizes of a model, read through its config."""
     config = getattr(model_or_config, "config", model_or_config)
-    spec = spec_for(config)
+    spec = spec_for(model_or_config)
     n_heads = config.num_attention_heads
     d_model = config.hidden_size
     return Dims(
         n_layers=config.num_hidden_layers,
         n_heads=n_heads,
-        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+        n_kv_heads=spec.kv_heads(config) if spec.kv_heads else getattr(config, "num_key_value_heads", None) or n_heads,
         d_head=getattr(config, "head_dim", None) or d_model // n_heads,
         d_model=d_model,
         d_vocab=config.vocab_size,
-        eps=float(getattr(config, spec.eps_key)),
+        eps=float(spec.eps if spec.eps is not None else getattr(config, spec.eps_key)),
         logit_softcap=getattr(config, "final_logit_softcapping", None),
     )
+
+
+SINKS = ("a learned sink per head takes part of each row's probability mass and has no value vector: its mass "
+         "is dropped and rows are renormalised over real keys (rollout after mixing in the identity); "
+         "mean_attention keeps the raw mass, n * mean_attention = 1 - mean sink mass. See docs/architectures.md")
 
 
 @dataclass(frozen=True)
@@ -226,6 +376,13 @@ class Arch(Dims):
     embeddings: tuple[str, ...]
     head_exact: bool
     attention: str | None
+    n_experts: int = 0  # experts per MoE MLP (`layers[i].mlp.experts`); 0 for a dense MLP
+    attention_sinks: bool = False  # probabilities over real keys sum to < 1 (the sink takes the rest)
+
+    @property
+    def sink_meta(self) -> dict[str, str]:
+        """What a result computed from attention probabilities says about learned sinks ({} without)."""
+        return {"attention_sinks": SINKS} if self.attention_sinks else {}
 
     def require(self, method: str, *, exact_heads: bool = False, probabilities: bool = False) -> None:
         """`require_exact_heads` and `require_probabilities`, where asked, in one call."""
@@ -257,9 +414,11 @@ class Arch(Dims):
 def arch_of(model) -> Arch:
     """The `Arch` of an nnsight model (or a Hugging Face config)."""
     config = getattr(model, "config", model)
-    spec = spec_for(config)
+    spec = spec_for(model)
     return Arch(
-        **vars(dims(config)), family=spec.family, norm=spec.norm, norm_weight_offset=spec.norm_weight_offset,
+        **vars(dims(model)), family=spec.family, norm=spec.norm, norm_weight_offset=spec.norm_weight_offset,
         value_layout=spec.value_layout, o_proj_conv1d=spec.o_proj_conv1d, embeddings=spec.embeddings,
         head_exact=spec.head_exact, attention=getattr(config, "_attn_implementation", None),
+        n_experts=int(getattr(config, spec.n_experts_key)) if spec.n_experts_key else 0,
+        attention_sinks=spec.attention_sinks,
     )

@@ -231,7 +231,7 @@ def check_length(model, lengths: Sequence[int], *, warn: bool = True) -> None:
     limit, (i, n) = getattr(config, key), long[0]
     where = f"prompt {i} has {n} tokens" + (f" ({len(long)} prompts are too long: {[j for j, _ in long][:8]})"
                                             if len(long) > 1 else "")
-    if spec_for(config).pos_embed:
+    if spec_for(model).pos_embed:
         raise ValueError(f"{where}, but the model has {limit} positions ({key}={limit} in its config, one learned "
                          f"embedding each): shorten it to at most {limit} tokens, e.g. keep its last {limit}")
     if warn:

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .arch import spec_for
+from .arch import SPECS, ArchSpec, spec_for
 
 PROBABILITY_ATTENTION = "eager"
 
@@ -18,6 +18,7 @@ def load(
     *,
     attn_implementation: str = PROBABILITY_ATTENTION,
     prepend_bos: bool | None = None,
+    spec: ArchSpec | None = None,
     **kwargs: Any,
 ):
     """An ``nnsight.TransformersModel`` with nnattr's architecture-neutral aliases.
@@ -30,7 +31,9 @@ def load(
     recipe's default for this model (`nnattr.batch.Batch.of`): None follows the tokenizer (GPT-2's
     adds no BOS, Llama's does), True puts BOS first as TransformerLens does by default, False
     removes it. Extra keyword arguments go to ``from_pretrained`` (``dtype=``, ``device_map=``,
-    ``revision=`` ...).
+    ``revision=`` ...). ``spec``: the `ArchSpec` of a family nnattr does not ship (or one to use
+    instead of nnattr's for this model); a spec nnattr did not ship, given here or with
+    `nnattr.register`, is checked on the model (`nnattr.spec_check`) and remembered on it.
 
     >>> import nnattr
     >>> model = nnattr.load("tiny-ioi")
@@ -40,8 +43,14 @@ def load(
     import nnsight
     from transformers import AutoConfig, PreTrainedModel
 
+    if spec is not None and not isinstance(spec, ArchSpec):
+        raise TypeError(f"spec= takes an nnattr.ArchSpec, got {type(spec).__name__}")
     if isinstance(model, PreTrainedModel):
-        spec = spec_for(model.config)
+        spec = spec or spec_for(model.config)
+        if not _shipped(spec, model.config):
+            from .spec_check import check_paths
+
+            check_paths(model, spec)  # before nnsight binds the aliases: a path that fails is named
         if tokenizer is None:
             raise ValueError(
                 "an already-built model needs its tokenizer: nnattr.load(model, tokenizer)"
@@ -56,7 +65,15 @@ def load(
                 stacklevel=2,
             )
             model.set_attn_implementation(attn_implementation)
-        return _with_bos(nnsight.TransformersModel(model, tokenizer=tokenizer, rename=spec.rename()), prepend_bos)
+            if getattr(model.config, "_attn_implementation", None) != attn_implementation:  # Falcon: cannot switch
+                warnings.warn(
+                    f"{type(model).__name__} cannot switch its attention implementation at run time: it keeps "
+                    f"{current!r}. Build it with attn_implementation={attn_implementation!r} (from_pretrained or "
+                    f"from_config) for attention probabilities.",
+                    stacklevel=2,
+                )
+        return _with_spec(_with_bos(nnsight.TransformersModel(model, tokenizer=tokenizer, rename=spec.rename()),
+                                    prepend_bos), spec)
 
     if not isinstance(model, (str, Path)):
         raise TypeError(
@@ -64,7 +81,7 @@ def load(
         )
     source = _resolve(str(model), path=isinstance(model, Path))
     config = AutoConfig.from_pretrained(source, **_config_kwargs(kwargs))
-    spec = spec_for(config)  # refuse an unsupported architecture before loading any weights
+    spec = spec or spec_for(config)  # refuse an unsupported architecture before loading any weights
     if Path(source).is_dir():
         # A local folder (the embedded models too) is built here and wrapped like any built
         # model: nnsight would take a path for a Hub repo id when picking the pipeline task.
@@ -72,10 +89,22 @@ def load(
 
         hf = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
         return load(hf.eval(), tokenizer or AutoTokenizer.from_pretrained(source),
-                    attn_implementation=attn_implementation, prepend_bos=prepend_bos)
+                    attn_implementation=attn_implementation, prepend_bos=prepend_bos, spec=spec)
     kwargs.setdefault("attn_implementation", attn_implementation)
-    return _with_bos(nnsight.TransformersModel(source, tokenizer=tokenizer, rename=spec.rename(), **kwargs),
-                     prepend_bos)
+    return _with_spec(_with_bos(nnsight.TransformersModel(source, tokenizer=tokenizer, rename=spec.rename(), **kwargs),
+                                prepend_bos), spec)
+
+
+def _with_spec(model, spec: ArchSpec):
+    """The model, remembering a spec nnattr does not ship (`nnattr.arch.spec_for` reads it) once
+    `nnattr.spec_check.check` passes on it: paths, then (with real weights) a one-prompt forward."""
+    if _shipped(spec, model.config):
+        return model
+    from .spec_check import check
+
+    model._nnattr_spec = spec
+    check(model, spec)
+    return model
 
 
 def _with_bos(model, prepend_bos: bool | None):
@@ -111,3 +140,8 @@ def _resolve(name: str, *, path: bool = False) -> str:
 
 def _config_kwargs(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in ("revision", "trust_remote_code", "token") if k in kwargs}
+
+
+def _shipped(spec: ArchSpec, config) -> bool:
+    """Whether ``spec`` is nnattr's own for this config's family (then nnattr's tests check it)."""
+    return spec in SPECS and getattr(config, "model_type", None) in spec.model_types

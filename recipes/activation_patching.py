@@ -47,9 +47,9 @@ def trace(model, p: Pairs, *, forwards: list, remote=False, backend=None) -> lis
                 if "head" in sites:
                     clean["head"].append(layer.attn.o_proj.input[:n])
                 if "attn" in sites:
-                    clean["attn"].append(first(layer.attn_out.output)[:n])
+                    clean["attn"].append(first(layer.attn_out.output)[:n].clone())  # copies: Falcon adds in place
                 if "mlp" in sites:
-                    clean["mlp"].append(first(layer.mlp_out.output)[:n])
+                    clean["mlp"].append(first(layer.mlp_out.output)[:n].clone())
             outs = [value(model.output.logits, torch.arange(n).repeat(2)).cpu()]  # [clean (n), corrupted (n)]
         for at, inputs, owners, patches in plans:  # each row: the corrupted prompt of pair owners[row]
             with torch.no_grad(), model.trace(inputs, **last):

@@ -89,7 +89,8 @@ def run(model, prompts, *, view: Literal["rollout", "value_weighted", "flow"] = 
     title = {"rollout": TITLE, "value_weighted": "Value-weighted attention rollout",
              "flow": "Attention flow (per head, last layer)"}[view]
     return Attribution(out["maps"], tuple(labels), labels, method="attention_rollout", title=title, by=view,
-                       units="flow weight" if view == "flow" else UNITS, meta=used, tokens=batch.tokens)
+                       units="flow weight" if view == "flow" else UNITS, meta={**used, **batch.arch.sink_meta},
+                       tokens=batch.tokens)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def run(model, prompts, *, layer_idx: int | Literal["all"] = -1, residual: float
               "field": list(SUMMARY_FIELDS)}
     return Attribution(out["summary"] if every else out["summary"][:, 0], tuple(labels), labels,
                        method="attention_summary", title=TITLE + ("" if every else f" at L{layers[0]}"), units=UNITS,
-                       meta={"layer_idx": "all" if every else layers[0], "residual": float(residual)},
+                       meta={"layer_idx": "all" if every else layers[0], "residual": float(residual),
+                             **batch.arch.sink_meta},
                        per_prompt={"seq_length": list(batch.lengths)}, tokens=batch.tokens)
 
 

@@ -53,32 +53,32 @@ def trace(model, p: Pairs, *, steps: int, remote=False, backend=None) -> dict:
                 if "head" in sites:
                     base["head"].append(layer.attn.o_proj.input)
                 if "attn" in sites:
-                    base["attn"].append(first(layer.attn_out.output))
+                    base["attn"].append(first(layer.attn_out.output).clone())  # copies: Falcon adds in place
                 if "mlp" in sites:
-                    base["mlp"].append(first(layer.mlp_out.output))
+                    base["mlp"].append(first(layer.mlp_out.output).clone())
             base_metric = value(model.output.logits, 1 + (steps > 0))  # [clean (, corrupted)]
         with model.trace(path, **last):
             if steps:  # the path from corrupted to clean, in the input embeddings
                 model.embed.output = interpolate(emb[:n], emb[n:], mask, alphas).requires_grad_(True)  # midpoints
             else:
                 model.embed.output.requires_grad_(True)  # frozen hosted weights: start the graph here
-            acts = {site: [] for site in sites}
+            acts, now = {site: [] for site in sites}, {"attn": [], "mlp": []}  # now: attn / mlp values, copied
             for layer in model.layers:
                 if "resid" in sites:
                     acts["resid"].append(layer.input)
                 if "head" in sites:
                     acts["head"].append(layer.attn.o_proj.input)
                 if "attn" in sites:
-                    acts["attn"].append(first(layer.attn_out.output))
+                    acts["attn"].append(a := first(layer.attn_out.output)), now["attn"].append(a.detach().clone())
                 if "mlp" in sites:
-                    acts["mlp"].append(first(layer.mlp_out.output))
+                    acts["mlp"].append(o := first(layer.mlp_out.output)), now["mlp"].append(o.detach().clone())
             values = value(model.output.logits, max(steps, 1))  # [rows]
             grads = iter(gradients(values.sum(), [a for site in sites for a in acts[site]]))
             corrupted = base_metric[n:] if steps else values.detach()  # the corrupted rows' metric
             out = {"metric": torch.stack([base_metric[:n], corrupted], 1).cpu()}  # [pair, clean / corrupted]
             for site, keep in sites.items():
                 scores = []
-                for plain_act, act in zip(base[site], acts[site]):  # the no-grad pass's, then this pass's
+                for plain_act, act in zip(base[site], now.get(site, acts[site])):  # no-grad pass's, this pass's
                     delta = pair_delta(plain_act[:n], plain_act[n:] if steps else act, mask)
                     grad = path_gradient(next(grads), steps=steps)
                     s = head_attribution_scores(grad, delta, n_heads=n_heads) if site == "head" else \

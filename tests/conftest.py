@@ -18,6 +18,12 @@ NEEDED = {
 
 
 def pytest_configure(config):
+    try:  # writes docs/status.md after a run of the architecture tests
+        from tests.support.status import StatusPlugin
+    except ModuleNotFoundError:  # plain `pytest` without `pythonpath = ["."]`
+        from support.status import StatusPlugin
+
+    config.pluginmanager.register(StatusPlugin(config), "nnattr-status")
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
     if missing and not os.environ.get("NNATTR_TESTS_ALLOW_SKIPS"):
         raise pytest.UsageError("the test suite needs " + ", ".join(missing) + ":\n  " +

@@ -79,7 +79,7 @@ def hooks_atp(hf, clean, corrupted, answer, distractor, *, steps=0):
 
     def keep(site, t):
         t.retain_grad()
-        acts[site].append(t)
+        acts[site].append((t, t.detach().clone()))  # the value now: Falcon adds attention into its MLP output in place
 
     def embed_hook(module, args, out):
         if not steps:
@@ -112,8 +112,8 @@ def hooks_atp(hf, clean, corrupted, answer, distractor, *, steps=0):
     out = {}
     for site, tensors in acts.items():
         per_layer = []
-        for t in tensors:
-            delta = (t[:n] - t[n : 2 * n]) * overlap[..., None]
+        for t, value in tensors:
+            delta = (value[:n] - value[n : 2 * n]) * overlap[..., None]
             grad = t.grad[n : 2 * n] if not steps else t.grad[2 * n :].reshape(steps, n, *t.shape[1:]).mean(0)
             prod = (grad * delta).detach()  # [n, pos, width]
             if site == "head":
@@ -133,7 +133,7 @@ def flat(result, pair_lengths):
 # ----------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2", "gptj", "falcon", "falcon_new", "phi3"])
 @pytest.mark.parametrize("steps", [0, 3])
 def test_parity_with_plain_torch_hooks(zoo, arch, steps):
     hf, model = zoo(arch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import nnattr
 from nnattr.batch import Batch
 from nnattr.cli import main
 from nnattr.recipes import direct_logit_attribution as dla
@@ -128,9 +129,10 @@ def model_embeddings(components) -> list[str]:
     return names[: names.index("0_attn_out")]
 
 
-def test_one_ranked_list_refused_where_heads_are_not_exact(zoo):
-    _, model = zoo("gemma2")
-    with pytest.raises(ValueError, match="not exact on Gemma-2"):
+@pytest.mark.parametrize("arch", [a for a in tiny.ARCHS if a not in HEAD_EXACT])
+def test_one_ranked_list_refused_where_heads_are_not_exact(zoo, arch):
+    _, model = zoo(arch)
+    with pytest.raises(ValueError, match=f"not exact on {nnattr.arch.arch_of(model).family}"):
         dla.run(model, PROMPTS, by="all")
 
 

@@ -25,7 +25,7 @@ SHARPEN = 10.0  # random init gives logits ~0.3; x10 on every matrix gives ~3 (G
 TOL = dict(atol=1e-5, rtol=0.0)  # float32 recipe vs float64-from-float32 reference
 PROMPTS = tiny.prompts(3)  # 5, 7 and 4 tokens: a left-padded batch
 TARGETS, DISTRACTORS = ["w5", "w17", "w42"], ["w9", "w3", "w60"]
-HEAD_EXACT = [a for a in tiny.ARCHS if a != "gemma2"]  # Gemma-2 refuses head-level DLA (tested below)
+HEAD_EXACT = [a for a in tiny.ARCHS if nnattr.arch.spec_for(tiny.CONFIGS[a]()).head_exact]  # others refuse (below)
 
 
 def close(actual, expected, **tol):
@@ -155,9 +155,9 @@ PARITY = {
 }
 
 
-@pytest.mark.parametrize("arch, method", [  # Gemma-2 refuses head-level DLA (test_head_dla_refused_on_gemma2)
+@pytest.mark.parametrize("arch, method", [  # Gemma-2, OLMo-2/3, Gemma-3 refuse head-level DLA (test_head_dla_refused)
     (arch, method) for method in PARITY for arch in tiny.ARCHS
-    if not (arch == "gemma2" and method in ("dla_head", "dla_head_position"))])
+    if arch in HEAD_EXACT or method not in ("dla_head", "dla_head_position")])
 def test_parity_with_hooks_reference(zoo, arch, method):
     PARITY[method](*zoo(arch))
 
@@ -310,21 +310,22 @@ def test_rollout_and_position_dla_refuse_sdpa():
 
 
 @pytest.mark.parametrize("by", ["head", "head_position"])
-def test_head_dla_refused_on_gemma2(zoo, by):
-    _, model = zoo("gemma2")
-    with pytest.raises(ValueError, match="not exact on Gemma-2.*by='component'"):
+@pytest.mark.parametrize("arch", [a for a in tiny.ARCHS if a not in HEAD_EXACT])
+def test_head_dla_refused(zoo, arch, by):
+    _, model = zoo(arch)
+    family = nnattr.arch.spec_for(model.config).family
+    with pytest.raises(ValueError, match=f"not exact on {family}.*by='component'"):
         direct_logit_attribution.run(model, PROMPTS, by=by)
 
 
 def test_unsupported_architecture(tmp_path):
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM
 
-    config = OPTConfig(num_hidden_layers=1, hidden_size=8, ffn_dim=8, num_attention_heads=2, vocab_size=tiny.VOCAB,
-                       max_position_embeddings=16, word_embed_proj_dim=8)
-    supported = "gemma, gemma2, gpt2, gpt_neox, llama, mistral, qwen2"
-    message = rf"model_type='opt'.*Supported: {supported}.*docs/architectures\.md"
+    config = BloomConfig(n_layer=1, hidden_size=8, n_head=2, vocab_size=tiny.VOCAB)
+    supported = ", ".join(nnattr.arch.supported())
+    message = rf"model_type='bloom'.*Supported: {supported}.*docs/architectures\.md"
     with pytest.raises(ValueError, match=message):
-        nnattr.load(OPTForCausalLM(config), tiny.tokenizer())
+        nnattr.load(BloomForCausalLM(config), tiny.tokenizer())
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message):
         nnattr.load(str(tmp_path))

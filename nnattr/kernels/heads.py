@@ -62,7 +62,7 @@ def o_proj_per_head(weight: torch.Tensor, *, n_heads: int, conv1d: bool = False)
 def split_values(
     raw: torch.Tensor,
     *,
-    layout: Literal["separate", "gpt2_fused", "neox_fused"],
+    layout: Literal["separate", "gpt2_fused", "neox_fused", "qkv_blocks", "grouped_qkv"],
     n_heads: int,
     n_kv_heads: int,
     d_head: int,
@@ -72,7 +72,10 @@ def split_values(
     raw: ``[batch, pos, width]``, the output of ``attn.v_proj`` (the alias): ``v_proj`` itself
     (``"separate"``, width ``kv_head * d_head``), GPT-2's ``c_attn`` (``"gpt2_fused"``, width
     ``3 * head * d_head`` as ``[q | k | v]``) or GPT-NeoX's ``query_key_value`` (``"neox_fused"``,
-    width ``head * 3 * d_head``, per head ``[q | k | v]``).
+    width ``head * 3 * d_head``, per head ``[q | k | v]``), Phi-3's ``qkv_proj`` (``"qkv_blocks"``,
+    ``[q | k | v]`` with ``head`` query and ``kv_head`` key and value heads) or Falcon's
+    ``query_key_value`` (``"grouped_qkv"``, per kv head ``[its head // kv_head queries | k | v]``,
+    ``d_head`` wide each: multi-query is one group, the classic layout one group per head).
 
     Returns ``[batch, pos, kv_head, d_head]``.
     """
@@ -86,8 +89,16 @@ def split_values(
         per_head = rearrange(raw, "b p (head three_d) -> b p head three_d", head=n_heads)
         v = rearrange(per_head.chunk(3, dim=-1)[2], "b p head d -> b p (head d)")
         heads = n_heads
+    elif layout == "qkv_blocks":
+        v = raw[..., (n_heads + n_kv_heads) * d_head :]  # [batch, pos, kv_head * d_head]
+        heads = n_kv_heads
+    elif layout == "grouped_qkv":
+        groups = rearrange(raw, "b p (kv slot d) -> b p kv slot d", kv=n_kv_heads, d=d_head)
+        v = rearrange(groups[..., -1, :], "b p kv d -> b p (kv d)")  # the last slot of each group
+        heads = n_kv_heads
     else:
-        raise ValueError(f"unknown value layout {layout!r}; expected 'separate', 'gpt2_fused' or 'neox_fused'")
+        raise ValueError(f"unknown value layout {layout!r}; expected 'separate', 'gpt2_fused', 'neox_fused', "
+                         f"'qkv_blocks' or 'grouped_qkv'")
     if v.shape[-1] != heads * d_head:
         raise ValueError(
             f"value width {v.shape[-1]} from raw shape {tuple(raw.shape)} ({layout}) != "

@@ -112,7 +112,8 @@ def client_and_server(hf: Any, arch: str, repo_id: str) -> tuple[Any, Callable[[
     state = copy.deepcopy(hf.state_dict())
 
     def server():
-        served = tiny.hf_model(arch, attn_implementation="sdpa")
+        sdpa = getattr(type(hf), "_supports_sdpa", True)  # GPT-OSS has no sdpa path: served eager
+        served = tiny.hf_model(arch, attn_implementation="sdpa" if sdpa else "eager")
         served.load_state_dict(state)
         served.name_or_path = repo_id
         return nnsight.TransformersModel(served, tokenizer=tiny.tokenizer())

@@ -53,6 +53,26 @@ def _separate(out: torch.Tensor, model) -> torch.Tensor:
     return torch.stack([v[:, :, h // (heads // kv)] for h in range(heads)], dim=2)
 
 
+def _per_head(out: torch.Tensor, model) -> torch.Tensor:
+    """A multi-head ``v_proj`` output (GPT-J: no ``num_key_value_heads``): ``[batch, pos, head, d_head]``."""
+    return out.reshape(*out.shape[:2], model.config.num_attention_heads, -1)
+
+
+def _phi3(out: torch.Tensor, model) -> torch.Tensor:
+    """Phi-3's ``qkv_proj`` output, sliced as ``Phi3Attention.forward`` does: queries ``[:heads * d]``, keys the next
+    ``kv * d``, values the rest; query head ``h`` reads kv head ``h // group``."""
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    d = model.config.hidden_size // heads
+    return _separate(out[..., (heads + kv) * d :], model)
+
+
+def _falcon(out: torch.Tensor, model) -> torch.Tensor:
+    """Falcon's ``query_key_value`` output through the module's own ``_split_heads``; one shared (multi-query)
+    value head is repeated for every query head."""
+    value = model.transformer.h[0].self_attention._split_heads(out)[2]  # [batch, pos, head or 1, d_head]
+    return value.expand(*value.shape[:2], model.config.num_attention_heads, value.shape[-1])
+
+
 @dataclass(frozen=True)
 class Native:
     """Where one family keeps things (paths for ``get_submodule``; block paths are relative)."""
@@ -84,6 +104,23 @@ NATIVE = {
     "gemma": Native(**_LLAMA, weight_offset=1.0),
     "gemma2": Native(**{**_LLAMA, "attn_write": "post_attention_layernorm", "mlp_write": "post_feedforward_layernorm"},
                      weight_offset=1.0),
+    # famA (issue 14). MoE blocks (Mixtral, Qwen3-MoE, GPT-OSS) write once, as `mlp` (GPT-OSS's returns
+    # (out, router_scores): `_tensor` unwraps). OLMo-2/3 and Gemma-3 norm each sub-layer's output.
+    "qwen3": Native(**_LLAMA),
+    "qwen3_moe": Native(**_LLAMA),
+    "mixtral": Native(**_LLAMA),
+    "gpt_oss": Native(**_LLAMA),
+    "olmo2": Native(**{**_LLAMA, "attn_write": "post_attention_layernorm", "mlp_write": "post_feedforward_layernorm"}),
+    "olmo3": Native(**{**_LLAMA, "attn_write": "post_attention_layernorm", "mlp_write": "post_feedforward_layernorm"}),
+    "gemma3_text": Native(**{**_LLAMA, "attn_write": "post_attention_layernorm",
+                             "mlp_write": "post_feedforward_layernorm"}, weight_offset=1.0),
+    # famB (issue 14). GPT-J and Falcon: parallel blocks, h + attn(ln(h)) + mlp(ln(h)); Falcon adds attention into the
+    # MLP's output tensor in place (`recording` copies under no_grad).
+    "gptj": Native(("transformer.wte",), "transformer.h", "attn", "mlp", "attn.out_proj", "attn.v_proj", _per_head,
+                   "transformer.ln_f"),
+    "falcon": Native(("transformer.word_embeddings",), "transformer.h", "self_attention", "mlp",
+                     "self_attention.dense", "self_attention.query_key_value", _falcon, "transformer.ln_f"),
+    "phi3": Native(**{**_LLAMA, "v_module": "self_attn.qkv_proj", "values": _phi3}),
 }
 
 
@@ -107,7 +144,8 @@ def recording(model, outputs: dict[str, str] | None = None, inputs: dict[str, st
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for key, path in (outputs or {}).items():
-        hook = lambda m, a, out, key=key: seen.__setitem__(key, _tensor(out))  # noqa: E731
+        hook = lambda m, a, out, key=key: seen.__setitem__(  # noqa: E731
+            key, _tensor(out) if torch.is_grad_enabled() else _tensor(out).clone())  # a copy: Falcon adds in place
         handles.append(model.get_submodule(path).register_forward_hook(hook))
     for key, path in (inputs or {}).items():
         hook = lambda m, a, kw, key=key: seen.__setitem__(key, a[0] if a else kw["hidden_states"])  # noqa: E731

@@ -26,6 +26,35 @@ CONFIGS = {
     "gemma": lambda: T.GemmaConfig(num_attention_heads=4, num_key_value_heads=1, head_dim=8, **_COMMON),
     "gemma2": lambda: T.Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                      final_logit_softcapping=5.0, **_COMMON),
+    # famA (issue 14): QK-norm, mixture-of-experts (4 experts, top-2), post-sub-layer norms, sinks.
+    "qwen3": lambda: T.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8, **_COMMON),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                          num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                                          **_COMMON),
+    "mixtral": lambda: T.MixtralConfig(num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                       num_experts_per_tok=2, **{**_COMMON, "intermediate_size": 16}),
+    "olmo2": lambda: T.Olmo2Config(num_attention_heads=4, num_key_value_heads=2, **_COMMON),
+    "olmo3": lambda: T.Olmo3Config(num_attention_heads=4, num_key_value_heads=2, sliding_window=3,
+                                   layer_types=["sliding_attention", "full_attention"], **_COMMON),
+    "gemma3_text": lambda: T.Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                              sliding_window=3, layer_types=["sliding_attention", "full_attention"],
+                                              **_COMMON),
+    "gpt_oss": lambda: T.GptOssConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                      num_experts_per_tok=2, sliding_window=3,
+                                      layer_types=["sliding_attention", "full_attention"],
+                                      rope_parameters={"rope_type": "default", "rope_theta": 150000.0},  # no YaRN
+                                      **{**_COMMON, "intermediate_size": 16}),
+    # famB (issue 14): parallel blocks (GPT-J; Falcon-7B's multi-query layout and the new decoder architecture's
+    # grouped kv), Phi-3 (fused qkv and gate_up). OPT is refused (nnattr/arch.py: its MLP write is flattened).
+    "gptj": lambda: T.GPTJConfig(n_layer=2, n_head=4, n_embd=32, rotary_dim=4, n_inner=64, vocab_size=VOCAB,
+                                 n_positions=64, pad_token_id=0, bos_token_id=2, eos_token_id=2),
+    "falcon": lambda: T.FalconConfig(num_attention_heads=4, multi_query=True, parallel_attn=True,
+                                     new_decoder_architecture=False, bias=False, ffn_hidden_size=64,
+                                     **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}),
+    "falcon_new": lambda: T.FalconConfig(num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+                                         bias=True, ffn_hidden_size=64,
+                                         **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}),
+    "phi3": lambda: T.Phi3Config(num_attention_heads=4, num_key_value_heads=2, **_COMMON),
 }
 ARCHS = list(CONFIGS)
 

@@ -1,0 +1,281 @@
+"""Real model sizes on paper: each recipe's NDIF request, its result and the server memory it holds.
+
+For the real configurations of Llama-3.1-8B/70B/405B, GPT-J-6B and OLMo-3-7B (written out below,
+weights on the meta device, nothing downloaded), one prompt of `POSITIONS` tokens:
+
+- **request**: the recipe's block serialized exactly as nnsight's `RemoteBackend` sends it (zstd),
+  built against the meta model and never sent (`_Capture`);
+- **result**: the bytes of the tensors the trace saves (`result_bytes`, from shapes; the tests
+  check every formula against the tensors a tiny model's run really returns);
+- **held**: server memory the trace keeps alive beyond the plain forward (`held_bytes`, from
+  shapes, bf16 activations as NDIF serves them, float32 where the kernels compute): the dominant
+  terms named in `HELD`, plus, for gradient recipes, the autograd graph of the forward, measured
+  (`graph_bytes`) on the meta model with ``saved_tensors_hooks`` (parameters excluded).
+
+    PYTHONPATH=. python tests/support/real_sizes.py            # print the tables for docs/remote.md
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import transformers as T
+
+POSITIONS, K, BF16, F32, I64 = 128, 5, 2, 4, 8
+MB = 1_000_000
+
+
+def llama31(layers: int, d_model: int, heads: int, d_mlp: int):
+    return lambda: T.LlamaConfig(
+        num_hidden_layers=layers, hidden_size=d_model, num_attention_heads=heads, num_key_value_heads=8,
+        intermediate_size=d_mlp, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
+
+
+MODELS = {
+    "Llama-3.1-8B": llama31(32, 4096, 32, 14336),
+    "Llama-3.1-70B": llama31(80, 8192, 64, 28672),
+    "Llama-3.1-405B": llama31(126, 16384, 128, 53248),
+    "GPT-J-6B": lambda: T.GPTJConfig(
+        vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_inner=None,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=False, bos_token_id=50256,
+        eos_token_id=50256),
+    "OLMo-3-7B": lambda: T.Olmo3Config(
+        vocab_size=100278, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=65536, rms_norm_eps=1e-6, sliding_window=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False,
+        pad_token_id=100277, bos_token_id=None, eos_token_id=100257),
+}
+
+
+def _recipes():
+    from nnattr.recipes import (attention_rollout, attention_summary, attention_views, direct_logit_attribution,
+                                head_attribution, logit_lens, token_attribution, token_circulation)
+
+    dla, views = direct_logit_attribution, attention_views
+    return {  # name: (recipe, keyword arguments)
+        **{f"dla by={by}": (dla, dict(by=by)) for by in ("component", "layer", "head", "head_position", "all")},
+        "logit_lens positions=last": (logit_lens, dict(positions="last")),
+        "logit_lens positions=all": (logit_lens, dict(positions="all")),
+        "head_attribution by=head": (head_attribution, dict(by="head")),
+        "head_attribution by=head_position": (head_attribution, dict(by="head_position")),
+        **{f"attention_rollout view={v}": (attention_rollout, dict(view=v)) for v in ("rollout", "value_weighted",
+                                                                                       "flow")},
+        "attention_views patterns layers=[-1]": (views, dict(layers=[-1])),
+        "attention_views patterns layers=[-1] heads=[0]": (views, dict(layers=[-1], heads=[0])),
+        "attention_summary layer_idx=all": (attention_summary, dict(layer_idx="all")),
+        "token_attribution ig (64 steps)": (token_attribution, dict(method="ig")),
+        "token_attribution grad_x_input": (token_attribution, dict(method="grad_x_input")),
+        "token_attribution attention": (token_attribution, dict(method="attention")),
+        "token_circulation": (token_circulation, {}),
+    }
+
+
+
+
+#: Cases that need exact per-head contributions: refused where heads pass a post-sub-layer norm (OLMo-3).
+HEAD_LEVEL = ("dla by=head", "dla by=head_position", "dla by=all", "token_attribution attention")
+
+
+def refused(case: str, d) -> bool:
+    return case in HEAD_LEVEL and not d.head_exact
+
+
+def result_bytes(case: str, d, pos: int = POSITIONS) -> int:
+    """Bytes of the tensors the trace saves for one prompt (``d``: `nnattr.arch.Arch` sizes)."""
+    L, H, e = d.n_layers, d.n_heads, len(d.embeddings)
+    answer = I64 + F32  # target id, its logit (metric)
+    dla = answer + F32 * (e + 2 * L + 1)  # scores: embeddings, attn and MLP of each layer, bias
+    lens = I64 + (L + 1) * (F32 + I64 + K * (I64 + F32))  # per layer: prob, rank, top-k ids and probs
+    return {
+        "dla by=component": dla, "dla by=layer": dla, "dla by=head": dla + F32 * L * H,
+        "dla by=head_position": dla + F32 * L * H * pos, "dla by=all": dla + F32 * L * H,
+        "logit_lens positions=last": lens, "logit_lens positions=all": I64 + pos * (lens - I64),
+        "head_attribution by=head": answer + F32 * L * H,
+        "head_attribution by=head_position": answer + F32 * L * H * pos,
+        "attention_rollout view=rollout": F32 * pos**2, "attention_rollout view=value_weighted": F32 * pos**2,
+        "attention_rollout view=flow": F32 * H * pos**2,
+        "attention_views patterns layers=[-1]": F32 * H * pos**2,
+        "attention_views patterns layers=[-1] heads=[0]": F32 * pos**2,
+        "attention_summary layer_idx=all": F32 * L * 6,
+        "token_attribution ig (64 steps)": answer + F32 + F32 * pos,
+        "token_attribution grad_x_input": answer + F32 + F32 * pos,
+        "token_attribution attention": answer + F32 * pos,
+        "token_circulation": I64 + pos * (L + 1) * (F32 + 4) + F32 * 3 * L * pos,
+    }[case]
+
+
+#: What each recipe keeps alive beyond the plain forward (dominant terms); G(n) is the autograd graph
+#: of the forward on n rows (measured), "one layer" terms live one layer at a time.
+HELD = {
+    "dla": "each write at the read position ((e + 2L) d_model, bf16) and the read logits row (vocab, f32)",
+    "dla heads": "+ each layer's z at the read position (L x head x d_head, bf16)",
+    "dla head_position": "+ every layer's values (L x pos x kv_head x d_head, bf16) and the read query's "
+                         "attention rows (L x head x pos)",
+    "logit_lens": "one layer's logits, probabilities and ranks at the read positions (3 x pos x vocab, f32)",
+    "head_attribution": "G(1) + z and its gradient for every layer (2 x L x pos x head x d_head, bf16)",
+    "attention": "the running map and one layer's probabilities ((1 + head) x pos^2, f32)",
+    "token_attribution": "ig: G(steps + 1) for the steps + 1 rows; grad_x_input: G(1); attention: as DLA by "
+                         "head_position",
+    "token_circulation": "every layer's attention and MLP writes (2 x L x pos x d_model, bf16) and one layer's "
+                         "logits (3 x pos x vocab, f32)",
+}
+
+
+def held_bytes(case: str, d, graph: int, pos: int = POSITIONS) -> int:
+    """Server memory the trace keeps alive beyond the plain forward (`HELD`); ``graph``: G(1) in bytes."""
+    L, H, KV, dh, D, V, e = d.n_layers, d.n_heads, d.n_kv_heads, d.d_head, d.d_model, d.d_vocab, len(d.embeddings)
+    dla = BF16 * (e + 2 * L) * D + F32 * V
+    heads = BF16 * L * H * dh
+    values = BF16 * L * (pos * KV * dh + H * pos)
+    attention = F32 * (1 + H) * pos**2
+    return {
+        "dla by=component": dla, "dla by=layer": dla, "dla by=head": dla + heads, "dla by=all": dla + heads,
+        "dla by=head_position": dla + heads + values,
+        "logit_lens positions=last": 3 * F32 * V, "logit_lens positions=all": 3 * F32 * pos * V,
+        "head_attribution by=head": graph + 2 * BF16 * L * pos * H * dh,
+        "head_attribution by=head_position": graph + 2 * BF16 * L * pos * H * dh,
+        "attention_rollout view=rollout": attention, "attention_rollout view=value_weighted": attention,
+        "attention_rollout view=flow": 2 * F32 * H * pos**2,
+        "attention_views patterns layers=[-1]": F32 * H * pos**2,
+        "attention_views patterns layers=[-1] heads=[0]": attention,
+        "attention_summary layer_idx=all": attention,
+        "token_attribution ig (64 steps)": 65 * graph, "token_attribution grad_x_input": graph,
+        "token_attribution attention": values + F32 * V,
+        "token_circulation": 2 * BF16 * L * pos * D + 3 * F32 * pos * V,
+    }[case]
+
+
+@functools.lru_cache(maxsize=None)
+def meta_model(name: str):
+    """The nnattr model of a real configuration, bf16 weights on the meta device (nothing allocated)."""
+    import tempfile
+
+    import nnsight
+
+    from nnattr.arch import spec_for
+    from tests.support import tiny
+
+    config = MODELS[name]()
+    folder = tempfile.mkdtemp(prefix="nnattr-real-config-")
+    config.save_pretrained(folder)  # config.json only: nnsight builds the model on the meta device, as for a
+    model = nnsight.TransformersModel(  # Hub repo id before dispatch (what nnattr.load does for remote use)
+        folder, task="text-generation", tokenizer=tiny.tokenizer(), rename=spec_for(config).rename(),
+        attn_implementation="eager",
+        dtype=torch.bfloat16)
+    model._module.requires_grad_(False)  # as NDIF hosts it
+    assert all(p.is_meta for p in model._module.parameters())
+    return model  # ids only: the word-level test tokenizer needs to decode nothing here
+
+
+def prompt() -> torch.Tensor:
+    """``[1, POSITIONS]`` token ids: BOS, then fixed ids every vocabulary holds."""
+    ids = torch.randint(3, 100, (1, POSITIONS), generator=torch.Generator().manual_seed(0))
+    ids[0, 0] = 2
+    return ids
+
+
+def request_bytes(name: str, case: str) -> int:
+    """The recipe's request for ``name`` as nnsight's RemoteBackend would send it (zstd), not sent."""
+    from nnattr.remote import Deferred
+
+    recipe, kwargs = _recipes()[case]
+    capture = _Capture()
+    try:
+        recipe.run(meta_model(name), prompt(), backend=capture, **kwargs)
+    except Deferred:
+        pass
+    assert len(capture.sizes) == 1, f"{case}: {len(capture.sizes)} requests"
+    return capture.sizes[0]
+
+
+def graph_bytes(name: str, rows: int = 1) -> int:
+    """The autograd graph of the plain forward from the embedding output (what a backward keeps),
+    measured with ``saved_tensors_hooks`` on the meta model: tensors saved for backward, without
+    the (frozen) parameters, bf16."""
+    import transformers.masking_utils as masking
+
+    hf = meta_model(name)._module
+    parameters = {id(p) for p in hf.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(x):
+        base = x if x._base is None else x._base
+        if id(x) not in parameters and id(base) not in parameters:
+            saved[id(base)] = base.numel() * base.element_size()
+        return x
+
+    ids = torch.zeros(rows, POSITIONS, dtype=torch.long, device="meta")
+    hook = hf.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    packed = masking.find_packed_sequence_indices  # reads values (.all()), which meta tensors lack
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            hf(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        masking.find_packed_sequence_indices = packed
+        hook.remove()
+    return sum(saved.values())
+
+
+def _make_capture():
+    from nnsight.intervention.backends.remote import RemoteBackend
+
+    from nnattr.remote import Deferred, _Replay, check_block
+
+    class Capture(_Replay):  # a _Replay: nnattr's preflight (API key, hosted model) is skipped
+        """Serializes each block as `RemoteBackend` would send it, records its size, sends nothing."""
+
+        def __init__(self) -> None:
+            super().__init__("meta/capture", "http://127.0.0.1:9", [])
+            self.sizes: list[int] = []
+
+        def __call__(self, tracer=None):
+            check_block(tracer)
+            self.sizes.append(len(RemoteBackend._serialize(self, tracer)))
+            raise Deferred(len(self.sizes))
+
+    return Capture()
+
+
+_Capture = _make_capture
+
+
+def result_cell(case: str, d) -> str:
+    n = result_bytes(case, d)
+    return size(n) + (" **>1 MB**" if n > MB else "")
+
+
+def size(n: float) -> str:
+    return f"{n / MB:,.1f} MB" if n >= 100_000 else f"{n / 1000:,.1f} kB"
+
+
+def tables() -> str:
+    """The three tables of docs/remote.md's section, measured and computed now."""
+    from nnattr.arch import arch_of
+
+    names, cases = list(MODELS), list(_recipes())
+    archs = {n: arch_of(meta_model(n)) for n in names}
+    graphs = {n: graph_bytes(n) for n in names}
+    request = {(n, c): request_bytes(n, c) for n in names for c in cases if not refused(c, archs[n])}
+    head = "| recipe | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
+    out = []
+    for title, value in (
+        ("Request (zstd, as sent)", lambda n, c: size(request[n, c])),
+        (f"Result (1 prompt x {POSITIONS} positions)", lambda n, c: result_cell(c, archs[n])),
+        ("Held beyond the plain forward", lambda n, c: size(held_bytes(c, archs[n], graphs[n]))),
+    ):
+        out.append(f"**{title}**\n\n" + head + "".join(
+            f"| {c} | " + " | ".join("refused" if refused(c, archs[n]) else value(n, c) for n in names) + " |\n"
+            for c in cases))
+    out.append("G(1), the autograd graph of one prompt's forward (measured): "
+               + ", ".join(f"{n} {size(graphs[n])}" for n in names) + ".\n")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(tables())

@@ -1,0 +1,71 @@
+"""Issue-14 families (famA) through nnsight's real client and the loopback NDIF server: remote == local.
+
+One module-scoped server holds every family's tiny model (built as NDIF hosts it: no nnattr
+aliases, sdpa attention where the family has it, frozen parameters). Each recipe run is one
+request for the whole left-padded batch and must equal the local run to 1e-6. The MoE families
+also run the per-expert split, whose trace calls the model's own experts module on the server.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip(
+    "ndif.services.ray.deployments.modeling.nns",
+    reason="needs the ndif server core: pip install --no-deps --ignore-requires-python ndif==0.1.2",
+)
+
+from nnattr import remote  # noqa: E402
+from nnattr.recipes import attention_rollout, direct_logit_attribution, expert_attribution, logit_lens  # noqa: E402
+from tests.support import fixtures, ndif_loopback, tiny  # noqa: E402
+from tests.test_remote import DISTRACTORS, PROMPTS, TARGETS, same  # noqa: E402
+
+FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "olmo2", "olmo3", "gemma3_text", "gpt_oss"]
+MOE = ["qwen3_moe", "mixtral", "gpt_oss"]
+REPOS = {arch: f"nnattr-test/tiny-{arch.replace('_', '-')}" for arch in FAMILIES}
+KEY = "6f1c0d3e-8a8b-4f7e-9d55-1f0c2b3a4d5e"
+
+CLIENTS, SERVERS = {}, {}
+for _arch, _repo in REPOS.items():
+    CLIENTS[_arch], SERVERS[_repo] = fixtures.client_and_server(tiny.hf_model(_arch), _arch, _repo)
+
+_server = fixtures.loopback_fixture(SERVERS, api_key=KEY, repo_ids=list(REPOS.values()), api_keys={KEY},
+                                    remote_logging=False)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture(scope="module")
+def ndif(_server):
+    with ndif_loopback.offline_repo_ids(*REPOS.values()):
+        remote._CHECKED.clear()
+        yield _server
+    remote._CHECKED.clear()
+
+
+def one_request(ndif, recipe, model, *args, **kwargs):
+    local = recipe.run(model, *args, **kwargs)
+    before = len(ndif.requests)
+    result = recipe.run(model, *args, remote=True, **kwargs)
+    assert len(ndif.requests) == before + 1 and ndif.last.status == "COMPLETED"
+    same(result, local)
+    return result
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_dla_and_logit_lens_on_ndif_equal_local(ndif, arch):
+    model = CLIENTS[arch]
+    one_request(ndif, direct_logit_attribution, model, PROMPTS, TARGETS, DISTRACTORS)
+    one_request(ndif, logit_lens, model, PROMPTS, positions="all", k=3)
+    assert ndif.last.env["attn_implementation"] == "eager"  # switched from sdpa where the server had it
+    assert not any(p.requires_grad for p in ndif.model(REPOS[arch])._module.parameters())
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_expert_split_on_ndif_equals_local(ndif, arch):
+    result = one_request(ndif, expert_attribution, CLIENTS[arch], PROMPTS, TARGETS, DISTRACTORS, position=-2)
+    assert result.meta["n_experts"] == 4
+
+
+def test_rollout_with_attention_sinks_on_ndif_equals_local(ndif):
+    result = one_request(ndif, attention_rollout, CLIENTS["gpt_oss"], PROMPTS)
+    assert "attention_sinks" in result.meta
