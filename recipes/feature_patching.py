@@ -48,22 +48,23 @@ def trace(model, p: Pairs, *, saes: list, sites: list, top_k: int | None, per_po
             clean = {}  # sae index -> the site's activation [pair, pos, d_model], in forward order
             for layer, here in zip(model.layers, sites):
                 for i, site in here:
-                    clean[i] = layer.input if site == "resid_pre" else first(getattr(layer, site).output)
+                    clean[i] = (layer.input if site == "resid_pre" else first(getattr(layer, site).output)).clone()
             clean_metric = value(model.output.logits)  # [pair]
         with model.trace(corrupted_rows, **last):
             model.embed.output.requires_grad_(True)  # frozen hosted weights: start the graph here
-            x = {}
+            x, now = {}, {}  # now: copies of the values (Falcon adds into its MLP's output in place)
             for layer, here in zip(model.layers, sites):
                 for i, site in here:
                     x[i] = layer.input if site == "resid_pre" else first(getattr(layer, site).output)
+                    now[i] = x[i].detach().clone()
             values = value(model.output.logits)  # [pair]
             grads = gradients(values.sum(), [x[i] for i in range(len(saes))])
             out = {"metric": torch.stack([clean_metric, values.detach()], 1).cpu()}  # [pair, clean / corrupted]
             for i, sae in enumerate(saes):
-                a_clean, a_corrupted = sae_encode(clean[i], sae), sae_encode(x[i].detach(), sae)  # [pair, pos, d_sae]
+                a_clean, a_corrupted = sae_encode(clean[i], sae), sae_encode(now[i], sae)  # [pair, pos, d_sae]
                 scores = feature_patching_scores(grads[i], a_clean, a_corrupted, sae, mask)  # [pair, pos, d_sae]
                 error = attribution_scores(grads[i], pair_delta(clean[i].float() - sae_decode(a_clean, sae),
-                                                                x[i].detach().float() - sae_decode(a_corrupted, sae),
+                                                                now[i].float() - sae_decode(a_corrupted, sae),
                                                                 mask))  # [pair, pos]
                 scores, error = (scores, error) if per_position else (scores.sum(1), error.sum(1))
                 top, index = top_features(scores, top_k)  # [pair, k]: index into (pos,) feature
@@ -76,21 +77,23 @@ def trace(model, p: Pairs, *, saes: list, sites: list, top_k: int | None, per_po
 
 
 def run(model, clean, corrupted, answer=None, distractor=None, *, sae: features.SAEs | None = None,
-        metric=None, top_k: int | None = 20, per_position: bool = False, align: Literal["right"] | None = None,
+        metric=None, top_k: int | Literal["all"] | None = 20, per_position: bool = False,
+        align: Literal["right"] | None = None,
         batch_size: int | None = None, remote=False, backend=None) -> features.Attribution:
     """Estimated effect of patching each SAE feature from clean into corrupted, per pair (see the module doc).
 
     answer: the clean prompt's answer token; distractor: subtract its logit.
     metric: a function of the logits [batch, pos, vocab] -> [batch], replacing the logit difference.
-    sae: an SAE, a SAELens folder, a shipped SAE ('tiny-ioi'), or a list (default: tiny-ioi's own on tiny-ioi).
-    top_k: features kept per SAE and pair, by magnitude (None: all); per position: (position, feature) entries.
+    sae: an SAE, a SAELens folder, a shipped SAE ('tiny-ioi'), 'basis' (the residual basis), or a list in Python.
+    top_k: features kept per SAE and pair, by magnitude ('all' or None: all); per position: (position, feature).
     per_position: score each feature at each position instead of summed over positions.
     align: "right" compares pairs of unequal length per position, aligned at the last token.
     """
+    top_k = None if top_k == "all" else top_k
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r}: give a positive int (features per SAE and pair), or None for all")
-    p = pairs(model, clean, corrupted, answer, distractor, metric=metric, align=align,
-              nodes=("resid",) if per_position else ("attn",))  # per-position nodes need pairs of equal length
+        raise ValueError(f"top_k={top_k!r}: give a positive int (features per SAE and pair), or 'all' (or None)")
+    p = pairs(model, clean, corrupted, answer, distractor, metric=metric, align=align,  # features are per position:
+              nodes=("resid",))  # pairs of unequal length need align="right", summed or not
     saes = features.resolve(model, sae)
     out = runner.run(trace, model, p, saes=[s.tensors() for s in saes], sites=features.plan(saes, p.arch.n_layers),
                      top_k=top_k, per_position=bool(per_position), batch_size=batch_size, remote=remote,

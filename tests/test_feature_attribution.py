@@ -213,8 +213,9 @@ def ioi_pairs(n: int = 4):
     return tasks.ioi_pairs(n, seed=3)
 
 
-def test_feature_patching_matches_plain_autograd():
-    hf = tiny.hf_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "falcon"])  # Falcon adds its attention output into the MLP's, in place
+def test_feature_patching_matches_plain_autograd(arch):
+    hf = tiny.hf_model(arch)
     model = nnattr.load(hf, tiny.tokenizer())
     clean = tiny.prompts(3)
     corrupted = [" ".join(p.split()[:-2] + ["w1", p.split()[-1]]) for p in clean]
@@ -226,10 +227,20 @@ def test_feature_patching_matches_plain_autograd():
         acts = []
         for text, grad in ((clean[i], False), (corrupted[i], True)):
             ids = torch.tensor([Batch.of(model, text).ids[0]])
-            with torch.enable_grad(), reference.recording(hf, {"x": path}) as seen:
-                logits = reference.forward(hf, ids).logits[0, -1]
-                seen["x"].retain_grad()
-                (logits[t] - logits[t2]).backward()
+            seen = {}
+
+            def keep(module, args, out):  # the site's value; the model goes on with a copy (Falcon adds in place)
+                seen["x"] = out[0] if isinstance(out, tuple) else out
+                return (seen["x"] * 1, *out[1:]) if isinstance(out, tuple) else seen["x"] * 1
+
+            handle = hf.get_submodule(path).register_forward_hook(keep)
+            try:
+                with torch.enable_grad():
+                    logits = reference.forward(hf, ids).logits[0, -1]
+                    seen["x"].retain_grad()
+                    (logits[t] - logits[t2]).backward()
+            finally:
+                handle.remove()
             acts.append((seen["x"][0].detach().double(), seen["x"].grad[0].double()))
         (x_clean, _), (x_corrupted, g) = acts
         expected = (encode64(sae, x_clean) - encode64(sae, x_corrupted)) * (g @ sae.W_dec.double().T)  # [pos, d_sae]
@@ -303,3 +314,16 @@ def test_cli_runs_on_the_embedded_model(tmp_path, capsys):
     assert main(["feature-patching", "--model", "tiny-ioi", "--clean", prompt, "--corrupted",
                  prompt.replace("John gave", "Mary gave"), "--answer", " Mary", "--distractor", " John",
                  "--per-position", "--top", "3"]) == 0
+    assert main(["feature-attribution", "--model", "tiny-ioi", "--prompt", prompt, "--top-k", "all"]) == 0
+    assert main(["feature-attribution", "--model", "tiny-ioi", "--prompt", prompt, "--sae", "/nonexistent/sae"]) == 1
+    assert capsys.readouterr().err.startswith("error: '/nonexistent/sae' is neither a shipped SAE")  # no traceback
+
+
+def test_pairs_of_unequal_length_need_align_right_even_summed():
+    model = nnattr.load("tiny-ioi")
+    clean = "When Mary and John went to the store , John gave a drink to"
+    longer = "When Mary and John went to the store , Mary gave a drink to the"
+    with pytest.raises(ValueError, match="clean prompt has 15 tokens and the corrupted prompt 16.*align='right'"):
+        feature_patching.run(model, clean, longer, " Mary", " John")
+    right = feature_patching.run(model, clean, longer, " Mary", " John", align="right", top_k="all")
+    assert right.meta["align"] == "right" and right.meta["top_k"] is None
