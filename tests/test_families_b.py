@@ -5,7 +5,7 @@ The parity of every recipe with the hooks reference, the DLA sum identity and pa
 run for ``gptj``, ``falcon`` (Falcon-7B's layout: multi-query, parallel), ``falcon_new`` (the new
 decoder architecture: grouped kv, two norms) and ``phi3`` in the parametrized tests over
 ``tiny.ARCHS``; attribution patching in tests/test_patching.py; remote == local in
-tests/test_families_remote_b.py. Here: the value layouts against each module's own split, the
+tests/test_families_remote.py. Here: the value layouts against each module's own split, the
 classic Falcon layout (one kv head per head, sequential block), exact activation patching on the
 parallel blocks against forward hooks that replace the native module's output (Falcon adds
 attention into the MLP's output tensor in place: a cached copy must not see that), GPT-J's

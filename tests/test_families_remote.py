@@ -1,13 +1,21 @@
-"""Issue-14 families (famA) through nnsight's real client and the loopback NDIF server: remote == local.
+"""Every family beyond tests/test_remote.py's two, through nnsight's real client and the loopback
+NDIF server: remote == local.
 
-One module-scoped server holds every family's tiny model (built as NDIF hosts it: no nnattr
-aliases, sdpa attention where the family has it, frozen parameters). Each recipe run is one
-request for the whole left-padded batch and must equal the local run to 1e-6. The MoE families
-also run the per-expert split, whose trace calls the model's own experts module on the server.
+One module-scoped server holds every family's tiny model, built as NDIF hosts it (no nnattr
+aliases, sdpa attention where the family has it, frozen parameters), except Falcon, which is
+served eager: transformers cannot switch it at run time (it does not follow the attention
+interface), so a server holding it as sdpa refuses an eager client's request with that reason
+(nnsight's check). Each recipe run is one request for the whole left-padded batch and must equal
+the local run to 1e-6. The MoE families also run the per-expert split, whose trace calls the
+model's own experts module on the server; GPT-OSS runs rollout (its attention sinks); Falcon runs
+exact patching of the MLP write (its cached clean write must not see attention's in-place add).
 """
 
 from __future__ import annotations
 
+import functools
+
+import nnsight
 import pytest
 
 pytest.importorskip(
@@ -16,18 +24,34 @@ pytest.importorskip(
 )
 
 from nnattr import remote  # noqa: E402
-from nnattr.recipes import attention_rollout, direct_logit_attribution, expert_attribution, logit_lens  # noqa: E402
+from nnattr.recipes import (  # noqa: E402
+    activation_patching, attention_rollout, direct_logit_attribution, expert_attribution, logit_lens)
 from tests.support import fixtures, ndif_loopback, tiny  # noqa: E402
 from tests.test_remote import DISTRACTORS, PROMPTS, TARGETS, same  # noqa: E402
 
-FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "olmo2", "olmo3", "gemma3_text", "gpt_oss"]
+FAMILIES = ["gpt_neox", "mistral", "qwen2", "gemma", "gemma2",  # the first seven but GPT-2 and Llama
+            "qwen3", "qwen3_moe", "mixtral", "olmo2", "olmo3", "gemma3_text", "gpt_oss",
+            "gptj", "falcon", "falcon_new", "phi3"]
 MOE = ["qwen3_moe", "mixtral", "gpt_oss"]
+EAGER = ["falcon", "falcon_new"]  # served eager (see above)
 REPOS = {arch: f"nnattr-test/tiny-{arch.replace('_', '-')}" for arch in FAMILIES}
 KEY = "6f1c0d3e-8a8b-4f7e-9d55-1f0c2b3a4d5e"
 
 CLIENTS, SERVERS = {}, {}
 for _arch, _repo in REPOS.items():
     CLIENTS[_arch], SERVERS[_repo] = fixtures.client_and_server(tiny.hf_model(_arch), _arch, _repo)
+
+
+def _served_eager(arch: str, repo: str):
+    """The server's Falcon: a plain nnsight model over eager attention, the client's weights."""
+    served = tiny.hf_model(arch)
+    served.load_state_dict(CLIENTS[arch]._module.state_dict())
+    served.name_or_path = repo
+    return nnsight.TransformersModel(served, tokenizer=tiny.tokenizer())
+
+
+for _arch in EAGER:
+    SERVERS[REPOS[_arch]] = functools.partial(_served_eager, _arch, REPOS[_arch])
 
 _server = fixtures.loopback_fixture(SERVERS, api_key=KEY, repo_ids=list(REPOS.values()), api_keys={KEY},
                                     remote_logging=False)
@@ -47,14 +71,16 @@ def one_request(ndif, recipe, model, *args, **kwargs):
     before = len(ndif.requests)
     result = recipe.run(model, *args, remote=True, **kwargs)
     assert len(ndif.requests) == before + 1 and ndif.last.status == "COMPLETED"
-    same(result, local)
+    for key in result if isinstance(result, dict) else [None]:
+        same(result[key] if key else result, local[key] if key else local)
     return result
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_dla_and_logit_lens_on_ndif_equal_local(ndif, arch):
     model = CLIENTS[arch]
-    one_request(ndif, direct_logit_attribution, model, PROMPTS, TARGETS, DISTRACTORS)
+    result = one_request(ndif, direct_logit_attribution, model, PROMPTS, TARGETS, DISTRACTORS)
+    assert result.labels["component"][-1] == "bias" and result.meta["sum_error"] < 1e-4
     one_request(ndif, logit_lens, model, PROMPTS, positions="all", k=3)
     assert ndif.last.env["attn_implementation"] == "eager"  # switched from sdpa where the server had it
     assert not any(p.requires_grad for p in ndif.model(REPOS[arch])._module.parameters())
@@ -69,3 +95,10 @@ def test_expert_split_on_ndif_equals_local(ndif, arch):
 def test_rollout_with_attention_sinks_on_ndif_equals_local(ndif):
     result = one_request(ndif, attention_rollout, CLIENTS["gpt_oss"], PROMPTS)
     assert "attention_sinks" in result.meta
+
+
+@pytest.mark.filterwarnings("ignore:pairs")  # recovery of random tiny models: compared as numbers
+def test_falcon_mlp_patching_on_ndif_equals_local(ndif):
+    clean, corrupted = tiny.prompts(2, lengths=(5,)), tiny.prompts(2, seed=3, lengths=(5,))
+    one_request(ndif, activation_patching, CLIENTS["falcon"], clean, corrupted, TARGETS[:2], DISTRACTORS[:2],
+                nodes=("mlp_pos",))
