@@ -295,8 +295,8 @@ def register(spec: ArchSpec, *, replace: bool = False) -> ArchSpec:
 
 
 def supported() -> list[str]:
-    """The ``model_type`` values nnattr supports."""
-    return sorted(_BY_TYPE)
+    """The ``model_type`` values nnattr supports (not those whose every configuration it refuses: OPT)."""
+    return sorted(t for t, spec in _BY_TYPE.items() if spec.unsupported is not _opt_unsupported)
 
 
 def spec_for(model_or_config) -> ArchSpec:
@@ -319,7 +319,8 @@ def spec_for(model_or_config) -> ArchSpec:
     spec = given if isinstance(given, ArchSpec) else _BY_TYPE[model_type]
     reason = spec.unsupported(config) if spec.unsupported else None
     if reason:
-        raise ValueError(f"nnattr does not support this {spec.family} configuration: {reason}")
+        what = spec.family if spec.unsupported is _opt_unsupported else f"this {spec.family} configuration"
+        raise ValueError(f"nnattr does not support {what}: {reason}")
     return spec
 
 

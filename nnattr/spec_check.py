@@ -109,7 +109,8 @@ def _check_forward(model, spec: ArchSpec, tol: float) -> None:
         start = model.layers[0].input  # the residual the first block reads
         writes, blocks = [], []
         for layer in model.layers:
-            writes.append((first(layer.attn_out.output), first(layer.mlp_out.output)))
+            writes.append((first(layer.attn_out.output).clone(), first(layer.mlp_out.output).clone()))  # Falcon adds
+            # attention into its MLP's output in place: keep the values as written
             blocks.append(first(layer.output))
         seen = nnsight.save({"embeds": embeds, "start": start, "writes": writes, "blocks": blocks,
                              "norm_in": model.ln_f.input, "norm_out": first(model.ln_f.output)})

@@ -150,7 +150,7 @@ def test_exact_patching_of_parallel_blocks_matches_hooks(zoo, arch):
 def test_opt_is_refused_with_the_reason(change, reason):
     config = T.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64, vocab_size=100,
                          **{"word_embed_proj_dim": 32, **change})
-    with pytest.raises(ValueError, match="does not support this OPT configuration") as error:
+    with pytest.raises(ValueError, match="does not support OPT: ") as error:
         nnattr.spec_for(config)
     assert reason in str(error.value) and "GPT-2 or Pythia" in str(error.value)
     with pytest.raises(ValueError, match=reason.replace("(", r"\(").replace(")", r"\)")):

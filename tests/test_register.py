@@ -143,3 +143,10 @@ def test_a_spec_that_breaks_the_identity_names_its_alias(change, alias, problem)
 def test_spec_must_be_an_archspec():
     with pytest.raises(TypeError, match="spec= takes an nnattr.ArchSpec"):
         nnattr.load(stablelm(), tiny.tokenizer(), spec={"family": "StableLM"})
+
+
+def test_a_copy_of_a_shipped_spec_passes_its_checks_even_where_writes_change_in_place():
+    # Falcon adds attention into its MLP's output tensor in place: the check keeps the writes as written.
+    hf = tiny.hf_model("falcon")
+    mine = dataclasses.replace(arch.spec_for(hf.config), family="My Falcon")
+    assert nnattr.arch.arch_of(nnattr.load(hf, tiny.tokenizer(), spec=mine)).family == "My Falcon"
