@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import warnings
 from pathlib import Path
@@ -72,8 +73,9 @@ def load(
                     f"from_config) for attention probabilities.",
                     stacklevel=2,
                 )
-        return _with_spec(_with_bos(nnsight.TransformersModel(model, tokenizer=tokenizer, rename=spec.rename()),
-                                    prepend_bos), spec)
+        with _binding(spec, model.config):
+            wrapped = nnsight.TransformersModel(model, tokenizer=tokenizer, rename=spec.rename())
+        return _with_spec(_with_bos(wrapped, prepend_bos), spec)
 
     if not isinstance(model, (str, Path)):
         raise TypeError(
@@ -91,8 +93,9 @@ def load(
         return load(hf.eval(), tokenizer or AutoTokenizer.from_pretrained(source),
                     attn_implementation=attn_implementation, prepend_bos=prepend_bos, spec=spec)
     kwargs.setdefault("attn_implementation", attn_implementation)
-    return _with_spec(_with_bos(nnsight.TransformersModel(source, tokenizer=tokenizer, rename=spec.rename(), **kwargs),
-                                prepend_bos), spec)
+    with _binding(spec, config):
+        wrapped = nnsight.TransformersModel(source, tokenizer=tokenizer, rename=spec.rename(), **kwargs)
+    return _with_spec(_with_bos(wrapped, prepend_bos), spec)
 
 
 def _with_spec(model, spec: ArchSpec):
@@ -103,8 +106,30 @@ def _with_spec(model, spec: ArchSpec):
     from .spec_check import check
 
     model._nnattr_spec = spec
-    check(model, spec)
+    with _binding(spec, model.config, stage="run its one-prompt check"):
+        check(model, spec)
     return model
+
+
+@contextlib.contextmanager
+def _binding(spec: ArchSpec, config, *, stage: str = "bind its aliases"):
+    """nnsight's own errors about a spec nnattr does not ship (an alias that would shadow another, a
+    module read out of forward order) as a `SpecError` that says what in the spec to look at."""
+    from .spec_check import SpecError
+
+    try:
+        yield
+    except SpecError:
+        raise
+    except Exception as error:
+        if _shipped(spec, config):
+            raise
+        raise SpecError(
+            f"ArchSpec(family={spec.family!r}): nnsight could not {stage}: {type(error).__name__}: {error}. "
+            f"Each path must name the module whose output is that alias: `attn` and `mlp` the block's own "
+            f"attention and MLP modules (not a projection inside them, e.g. mlp='mlp', not 'mlp.down_proj'), "
+            f"`o_proj` and `v_proj` two different modules of the attention, and `ln_f` the final norm, which runs "
+            f"after the last block", alias="spec") from error
 
 
 def _with_bos(model, prepend_bos: bool | None):

@@ -150,3 +150,16 @@ def test_a_copy_of_a_shipped_spec_passes_its_checks_even_where_writes_change_in_
     hf = tiny.hf_model("falcon")
     mine = dataclasses.replace(arch.spec_for(hf.config), family="My Falcon")
     assert nnattr.arch.arch_of(nnattr.load(hf, tiny.tokenizer(), spec=mine)).family == "My Falcon"
+
+
+@pytest.mark.parametrize("change", [dict(mlp="mlp.down_proj"), dict(v_proj="o_proj", o_proj="v_proj"),
+                                    dict(ln_f="model.layers.0.input_layernorm")])
+def test_a_spec_nnsight_cannot_bind_is_a_spec_error(change):
+    hf = T.StableLmForCausalLM(T.StableLmConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                                num_attention_heads=4, num_key_value_heads=4,
+                                                vocab_size=tiny.VOCAB)).eval()
+    spec = nnattr.ArchSpec(family="StableLM", model_types=("stablelm",), embed="model.embed_tokens",
+                           layers="model.layers", attn="self_attn", o_proj="o_proj", v_proj="v_proj", mlp="mlp",
+                           ln_f="model.norm", norm="layernorm", eps_key="layer_norm_eps")
+    with pytest.raises(SpecError):
+        nnattr.load(hf, tiny.tokenizer(), spec=dataclasses.replace(spec, **change))
