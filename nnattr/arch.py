@@ -64,6 +64,7 @@ class ArchSpec:
     experts: str | None = None  # MoE: the experts module, relative to the MLP (see `Arch.n_experts`)
     n_experts_key: str | None = None  # MoE: the config key holding the number of experts
     attention_sinks: bool = False  # learned per-head sink logits: returned probabilities sum to < 1
+    writes_in_place: bool = False  # a block adds into a write's output tensor after it is returned (Falcon)
 
     @property
     def embeddings(self) -> tuple[str, ...]:
@@ -251,6 +252,7 @@ SPECS += (  # issue 14, group B: parallel blocks (GPT-J, Falcon), OPT, Phi-3
         eps_key="layer_norm_epsilon",
         value_layout="grouped_qkv",
         kv_heads=_falcon_kv_heads,
+        writes_in_place=True,  # mlp_output += attention_output: a kept MLP write must be a copy
     ),
     ArchSpec(  # no MLP module: fc1 -> act -> fc2 in the layer, fc2's output is the MLP's write
         family="OPT",
@@ -379,6 +381,7 @@ class Arch(Dims):
     attention: str | None
     n_experts: int = 0  # experts per MoE MLP (`layers[i].mlp.experts`); 0 for a dense MLP
     attention_sinks: bool = False  # probabilities over real keys sum to < 1 (the sink takes the rest)
+    writes_in_place: bool = False  # a write's tensor changes after the module returns it: keep copies
 
     @property
     def sink_meta(self) -> dict[str, str]:
@@ -421,5 +424,5 @@ def arch_of(model) -> Arch:
         value_layout=spec.value_layout, o_proj_conv1d=spec.o_proj_conv1d, embeddings=spec.embeddings,
         head_exact=spec.head_exact, attention=getattr(config, "_attn_implementation", None),
         n_experts=int(getattr(config, spec.n_experts_key)) if spec.n_experts_key else 0,
-        attention_sinks=spec.attention_sinks,
+        attention_sinks=spec.attention_sinks, writes_in_place=spec.writes_in_place,
     )

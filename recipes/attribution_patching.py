@@ -26,8 +26,7 @@ import torch
 
 from nnattr import runner
 from nnattr.kernels import (  # kernels by name: they travel to NDIF
-    attribution_scores, first, gradients, head_attribution_scores, interpolate, logit_diff, pair_delta, path_gradient,
-)
+    attribution_scores, first, gradients, head_attribution_scores, interpolate, logit_diff, pair_delta, path_gradient)
 from nnattr.pairs import DEFAULT_NODES, Node, Pairs, count, pairs
 from nnattr.result import Attribution
 
@@ -41,6 +40,7 @@ def trace(model, p: Pairs, *, steps: int, remote=False, backend=None) -> dict:
     answer, other, alphas = p.clean.answer("target"), p.clean.answer("distractor"), (torch.arange(steps) + 0.5) / steps
     last = {} if metric else {"logits_to_keep": 1}  # the default metric reads the last position only
     plain, path = p.inputs_of(range(n), range(n) if steps else []), p.inputs_of([], list(range(n)) * max(steps, 1))
+    copy = p.arch.writes_in_place  # Falcon adds attention into its MLP's output in place: keep copies of writes
     with model.session(remote=remote, backend=backend):
         value = lambda logits, k: metric(logits).float() if metric else logit_diff(  # noqa: E731 [rows]
             logits, answer.repeat(k), None if other is None else other.repeat(k))
@@ -53,25 +53,25 @@ def trace(model, p: Pairs, *, steps: int, remote=False, backend=None) -> dict:
                 if "head" in sites:
                     base["head"].append(layer.attn.o_proj.input)
                 if "attn" in sites:
-                    base["attn"].append(first(layer.attn_out.output).clone())  # copies: Falcon adds in place
+                    base["attn"].append(first(layer.attn_out.output).clone() if copy else first(layer.attn_out.output))
                 if "mlp" in sites:
-                    base["mlp"].append(first(layer.mlp_out.output).clone())
+                    base["mlp"].append(first(layer.mlp_out.output).clone() if copy else first(layer.mlp_out.output))
             base_metric = value(model.output.logits, 1 + (steps > 0))  # [clean (, corrupted)]
         with model.trace(path, **last):
             if steps:  # the path from corrupted to clean, in the input embeddings
                 model.embed.output = interpolate(emb[:n], emb[n:], mask, alphas).requires_grad_(True)  # midpoints
             else:
                 model.embed.output.requires_grad_(True)  # frozen hosted weights: start the graph here
-            acts, now = {site: [] for site in sites}, {"attn": [], "mlp": []}  # now: attn / mlp values, copied
+            acts, now = {site: [] for site in sites}, {"attn": [], "mlp": []}  # now: attn / mlp values as read
             for layer in model.layers:
                 if "resid" in sites:
                     acts["resid"].append(layer.input)
                 if "head" in sites:
                     acts["head"].append(layer.attn.o_proj.input)
-                if "attn" in sites:
-                    acts["attn"].append(a := first(layer.attn_out.output)), now["attn"].append(a.detach().clone())
-                if "mlp" in sites:
-                    acts["mlp"].append(o := first(layer.mlp_out.output)), now["mlp"].append(o.detach().clone())
+                for site, write in (("attn", layer.attn_out), ("mlp", layer.mlp_out)):
+                    if site in sites:  # the write for the gradient, and its value as read (a copy: Falcon)
+                        acts[site].append(first(write.output))
+                        now[site].append(acts[site][-1].detach().clone() if copy else acts[site][-1].detach())
             values = value(model.output.logits, max(steps, 1))  # [rows]
             grads = iter(gradients(values.sum(), [a for site in sites for a in acts[site]]))
             corrupted = base_metric[n:] if steps else values.detach()  # the corrupted rows' metric

@@ -39,7 +39,7 @@ def trace(model, p: Pairs, *, saes: list, sites: list, top_k: int | None, per_po
           backend=None) -> dict:
     """One session: the clean rows without gradients, then the corrupted rows and one backward."""
     n, metric, mask = len(p), p.metric, p.overlap()
-    answer, other = p.clean.answer("target"), p.clean.answer("distractor")
+    answer, other, copy = p.clean.answer("target"), p.clean.answer("distractor"), p.arch.writes_in_place
     last = {} if metric else {"logits_to_keep": 1}  # the default metric reads the last position only
     clean_rows, corrupted_rows = p.inputs_of(range(n), []), p.inputs_of([], range(n))
     with model.session(remote=remote, backend=backend):
@@ -48,15 +48,16 @@ def trace(model, p: Pairs, *, saes: list, sites: list, top_k: int | None, per_po
             clean = {}  # sae index -> the site's activation [pair, pos, d_model], in forward order
             for layer, here in zip(model.layers, sites):
                 for i, site in here:
-                    clean[i] = (layer.input if site == "resid_pre" else first(getattr(layer, site).output)).clone()
+                    clean[i] = layer.input if site == "resid_pre" else first(getattr(layer, site).output)
+                    clean[i] = clean[i].clone() if copy else clean[i]  # Falcon adds into its MLP's output in place
             clean_metric = value(model.output.logits)  # [pair]
         with model.trace(corrupted_rows, **last):
             model.embed.output.requires_grad_(True)  # frozen hosted weights: start the graph here
-            x, now = {}, {}  # now: copies of the values (Falcon adds into its MLP's output in place)
+            x, now = {}, {}  # now: the values as read
             for layer, here in zip(model.layers, sites):
                 for i, site in here:
                     x[i] = layer.input if site == "resid_pre" else first(getattr(layer, site).output)
-                    now[i] = x[i].detach().clone()
+                    now[i] = x[i].detach().clone() if copy else x[i].detach()
             values = value(model.output.logits)  # [pair]
             grads = gradients(values.sum(), [x[i] for i in range(len(saes))])
             out = {"metric": torch.stack([clean_metric, values.detach()], 1).cpu()}  # [pair, clean / corrupted]
