@@ -97,7 +97,8 @@ def hooks_atp(hf, clean, corrupted, answer, distractor, *, steps=0):
             attn.get_submodule(spec.o_proj).register_forward_pre_hook(lambda m, a: keep("head", a[0])),
             layer.get_submodule(spec.attn_out or spec.attn).register_forward_hook(
                 lambda m, a, out: keep("attn", out[0] if isinstance(out, tuple) else out)),
-            layer.get_submodule(spec.mlp_out or spec.mlp).register_forward_hook(lambda m, a, out: keep("mlp", out)),
+            layer.get_submodule(spec.mlp_out or spec.mlp).register_forward_hook(
+                lambda m, a, out: keep("mlp", out[0] if isinstance(out, tuple) else out)),  # GPT-OSS: (out, scores)
         ]
     try:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count from the first token
@@ -133,7 +134,7 @@ def flat(result, pair_lengths):
 # ----------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2", "gptj", "falcon", "falcon_new", "phi3"])
+@pytest.mark.parametrize("arch", tiny.ARCHS)  # every family
 @pytest.mark.parametrize("steps", [0, 3])
 def test_parity_with_plain_torch_hooks(zoo, arch, steps):
     hf, model = zoo(arch)

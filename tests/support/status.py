@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FILE = ROOT / "docs" / "status.md"
 #: The test modules whose ``arch``-parametrized tests make the table.
 MODULES = ("test_recipes.py", "test_positions.py", "test_token_circulation.py", "test_attention_summary.py",
-           "test_remote.py", "test_families_remote.py")
+           "test_remote.py", "test_families_remote.py", "test_patching.py")
 COMMAND = "python -m pytest " + " ".join(f"tests/{m}" for m in MODULES)
 
 DLA = {"component": "DLA by component", "head": "DLA by head", "head_position": "DLA by head and position",
@@ -55,6 +55,8 @@ COLUMNS = {
     "test_each_layer_change_splits_into_attention_mlp_and_rescale": ["token circulation"],
     "test_recipe_on_ndif_equals_local": ["remote == local"],
     "test_dla_and_logit_lens_on_ndif_equal_local": ["remote == local"],
+    "test_every_field_matches_hugging_face_attentions": ["attention summary"],
+    "test_parity_with_plain_torch_hooks": ["attribution patching"],  # AtP and EAP-IG
 }
 OTHER = "other family checks"
 _RANK = {"FAILED": 4, "skipped": 3, "refused": 2, "approximate": 1, "exact": 0}
