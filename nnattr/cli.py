@@ -305,7 +305,7 @@ def _run(parser: argparse.ArgumentParser, argv) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line
             return _main(args, inputs)
-    except (ValueError, FileNotFoundError, _remote_error()) as error:  # nnattr refusing the input, or NDIF saying why not
+    except (ValueError, FileNotFoundError, _remote_error()) as error:  # nnattr refusing the input, or NDIF saying no
         sys.stderr.write(f"error: {error}\n")
         return 1
     except KeyboardInterrupt:

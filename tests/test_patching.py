@@ -139,7 +139,8 @@ def flat(result, pair_lengths):
 def test_parity_with_plain_torch_hooks(zoo, arch, steps):
     hf, model = zoo(arch)
     method = "ig" if steps else "atp"
-    got = attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=NODES, method=method, steps=steps or None)
+    got = attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=NODES, method=method,
+                                   steps=steps or None)
     ref, metric = hooks_atp(hf, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, steps=steps)
     L = [len(tiny.tokenizer()(p)["input_ids"]) for p in CORRUPTED]
     heads = lambda s: s.flatten(1, 2)  # noqa: E731  [n, layer * head, ...]

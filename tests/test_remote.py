@@ -597,16 +597,19 @@ EDITS = {
                                                    "                metric_seen = nnsight.save(outs[-1])\n")],
     "token_circulation": [("scales", "norm_scales"),
                           ("            u = residual_direction(",
-                           "            unembed_seen = nnsight.save(model.lm_head.weight[:3])\n            u = residual_direction(")],
+                           "            unembed_seen = nnsight.save(model.lm_head.weight[:3])\n"
+                           "            u = residual_direction(")],
     "token_attribution": [("grads", "path_grads"), ("        model.layers[0].input = path\n",
                                                    "        model.layers[0].input = path\n"
                                                    "        start_seen = nnsight.save(base.detach())\n")],
-    "feature_attribution": [("constant", "bias_share"), ("            resid = read_at(model.ln_f.input, at)  # [batch, d_model]\n",
-                                                          "            resid = read_at(model.ln_f.input, at)  # [batch, d_model]\n"
-                                                          "            resid_seen = nnsight.save(resid)\n")],
-    "feature_patching": [("clean_metric", "clean_value"), ("            values = value(model.output.logits)  # [pair]\n",
-                                                          "            values = value(model.output.logits)  # [pair]\n"
-                                                          "            values_seen = nnsight.save(values.detach())\n")],
+    "feature_attribution": [("constant", "bias_share"),
+                            ("            resid = read_at(model.ln_f.input, at)  # [batch, d_model]\n",
+                             "            resid = read_at(model.ln_f.input, at)  # [batch, d_model]\n"
+                             "            resid_seen = nnsight.save(resid)\n")],
+    "feature_patching": [("clean_metric", "clean_value"),
+                         ("            values = value(model.output.logits)  # [pair]\n",
+                          "            values = value(model.output.logits)  # [pair]\n"
+                          "            values_seen = nnsight.save(values.detach())\n")],
 }
 
 
