@@ -218,6 +218,14 @@ def _annotate(ax, values: np.ndarray, norm, cmap, *, signed: bool = True, size: 
                     color=_ink(cm(norm(v))), in_layout=False)  # inside the cells: nothing for the layout to fit
 
 
+def _bar_values(ax, bars: np.ndarray) -> None:
+    """Each horizontal bar's value at its end, in one format for all of them."""
+    fmt = _fmt(bars)
+    for i, v in enumerate(bars):
+        ax.annotate(fmt.format(v), (v, i), xytext=(3 if v >= 0 else -3, 0), textcoords="offset points",
+                    ha="left" if v >= 0 else "right", va="center", fontsize=7)
+
+
 def _ink(rgba) -> str:
     """Black text on light cells, white on dark ones."""
     r, g, b = rgba[:3]
@@ -298,10 +306,7 @@ def _ranked(a, ax, *, title=None, top=None, **_) -> Figure:
     ax.axvline(0, color="0.2", linewidth=0.8)
     ax.set_yticks(range(len(bars)), shown, fontsize=8)
     ax.invert_yaxis()  # the largest on top
-    fmt = _fmt(bars)
-    for i, v in enumerate(bars):
-        ax.annotate(fmt.format(v), (v, i), xytext=(3 if v >= 0 else -3, 0), textcoords="offset points",
-                    ha="left" if v >= 0 else "right", va="center", fontsize=7)
+    _bar_values(ax, bars)
     ax.margins(x=0.15)
     text, unit = describe(a)
     if a.method == "direct_logit_attribution":
@@ -560,10 +565,7 @@ def _features(a, ax, *, title=None, top=None, **_) -> Figure:
         ax.axhline(len(order) - 0.5, color="0.5", linewidth=0.6, linestyle=":")
     ax.set_yticks(range(len(rows)), [labels[i] for i in rows], fontsize=8)
     ax.invert_yaxis()  # the largest feature on top
-    fmt = _fmt(bars)
-    for i, v in enumerate(bars):
-        ax.annotate(fmt.format(v), (v, i), xytext=(3 if v >= 0 else -3, 0), textcoords="offset points",
-                    ha="left" if v >= 0 else "right", va="center", fontsize=7)
+    _bar_values(ax, bars)
     ax.margins(x=0.15)
     text, unit = describe(a)
     if a.method == "feature_attribution" and isinstance(a.meta.get("logit"), float):

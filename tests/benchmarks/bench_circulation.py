@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from tests.benchmarks.bench_recipes import build
+from tests.benchmarks.bench_recipes import build, timed
 
 
 def hooks(hf, input_ids, target: int) -> dict[str, torch.Tensor]:
@@ -47,12 +46,6 @@ def hooks(hf, input_ids, target: int) -> dict[str, torch.Tensor]:
         split = [torch.stack([seen[f"a{i}"] @ u / scale[i + 1], seen[f"m{i}"] @ u / scale[i + 1],
                               states[i] @ u / scale[i + 1] - states[i] @ u / scale[i]], 1) for i in range(n)]
     return {"logit": torch.stack(logit, 1), "rank": torch.stack(rank, 1), "split": torch.stack(split, 1)}
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(argv=None) -> None:
