@@ -58,15 +58,16 @@ def load(
             )
         current = getattr(model.config, "_attn_implementation", None)
         if attn_implementation and current != attn_implementation:
-            warnings.warn(
-                f"nnattr.load switched the model from {current!r} to {attn_implementation!r} "
-                f"attention, so attention probabilities are available. Pass "
-                f"attn_implementation={current!r} to keep it (rollout and per-position DLA "
-                f"will then refuse to run).",
-                stacklevel=2,
-            )
             model.set_attn_implementation(attn_implementation)
-            if getattr(model.config, "_attn_implementation", None) != attn_implementation:  # Falcon: cannot switch
+            if getattr(model.config, "_attn_implementation", None) == attn_implementation:
+                warnings.warn(
+                    f"nnattr.load switched the model from {current!r} to {attn_implementation!r} "
+                    f"attention, so attention probabilities are available. Pass "
+                    f"attn_implementation={current!r} to keep it (rollout and per-position DLA "
+                    f"will then refuse to run).",
+                    stacklevel=2,
+                )
+            else:  # Falcon: cannot switch (one warning, not a "switched" one and then a "cannot")
                 warnings.warn(
                     f"{type(model).__name__} cannot switch its attention implementation at run time: it keeps "
                     f"{current!r}. Build it with attn_implementation={attn_implementation!r} (from_pretrained or "
@@ -74,7 +75,7 @@ def load(
                     stacklevel=2,
                 )
         with _binding(spec, model.config):
-            wrapped = nnsight.TransformersModel(model, tokenizer=tokenizer, rename=spec.rename())
+            wrapped = nnsight.TransformersModel(model, tokenizer=tokenizer, rename=spec.rename(model.config))
         return _with_spec(_with_bos(wrapped, prepend_bos), spec)
 
     if not isinstance(model, (str, Path)):
@@ -83,7 +84,7 @@ def load(
         )
     source = _resolve(str(model), path=isinstance(model, Path))
     config = AutoConfig.from_pretrained(source, **_config_kwargs(kwargs))
-    spec = spec or spec_for(config)  # refuse an unsupported architecture before loading any weights
+    given, spec = spec, spec or spec_for(config)  # refuse an unsupported architecture before loading any weights
     if Path(source).is_dir():
         # A local folder (the embedded models too) is built here and wrapped like any built
         # model: nnsight would take a path for a Hub repo id when picking the pipeline task.
@@ -91,10 +92,11 @@ def load(
 
         hf = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
         return load(hf.eval(), tokenizer or AutoTokenizer.from_pretrained(source),
-                    attn_implementation=attn_implementation, prepend_bos=prepend_bos, spec=spec)
+                    attn_implementation=attn_implementation, prepend_bos=prepend_bos,
+                    spec=given)  # None: spec_for again, on the built config (Falcon-RW: eager is refused)
     kwargs.setdefault("attn_implementation", attn_implementation)
     with _binding(spec, config):
-        wrapped = nnsight.TransformersModel(source, tokenizer=tokenizer, rename=spec.rename(), **kwargs)
+        wrapped = nnsight.TransformersModel(source, tokenizer=tokenizer, rename=spec.rename(config), **kwargs)
     return _with_spec(_with_bos(wrapped, prepend_bos), spec)
 
 

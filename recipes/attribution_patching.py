@@ -11,8 +11,7 @@ clean input embeddings instead (EAP-IG, Hanna et al. 2024): ``steps`` rows per p
 Node types (``nodes=``) and result dimensions: see `nnattr.pairs`. Values are in metric units;
 ``per_prompt`` holds each pair's clean and corrupted metric. Pairs of unequal length are
 compared on the positions both prompts have, aligned at the last token; per-position node
-types refuse them unless ``align="right"``. Works on frozen (hosted) models.
-Wire: only the scores and metrics come back.
+types refuse them unless ``align="right"``. Works on frozen (hosted) models. Wire: only scores and metrics return.
 
     python recipes/attribution_patching.py --clean "..." --corrupted "..." --answer " Mary" --distractor " John"
 """
@@ -52,10 +51,10 @@ def trace(model, p: Pairs, *, steps: int, remote=False, backend=None) -> dict:
                     base["resid"].append(layer.input)
                 if "head" in sites:
                     base["head"].append(layer.attn.o_proj.input)
-                if "attn" in sites:
-                    base["attn"].append(first(layer.attn_out.output).clone() if copy else first(layer.attn_out.output))
-                if "mlp" in sites:
-                    base["mlp"].append(first(layer.mlp_out.output).clone() if copy else first(layer.mlp_out.output))
+                for site, write in (("attn", layer.attn_out), ("mlp", layer.mlp_out)):
+                    if site in sites:  # [rows, pos, d_model] (OPT's MLP write comes flattened: first unflattens it)
+                        w = first(write.output, len(plain["input_ids"]))
+                        base[site].append(w.clone() if copy else w)
             base_metric = value(model.output.logits, 1 + (steps > 0))  # [clean (, corrupted)]
         with model.trace(path, **last):
             if steps:  # the path from corrupted to clean, in the input embeddings
@@ -71,7 +70,8 @@ def trace(model, p: Pairs, *, steps: int, remote=False, backend=None) -> dict:
                 for site, write in (("attn", layer.attn_out), ("mlp", layer.mlp_out)):
                     if site in sites:  # the write for the gradient, and its value as read (a copy: Falcon)
                         acts[site].append(first(write.output))
-                        now[site].append(acts[site][-1].detach().clone() if copy else acts[site][-1].detach())
+                        w = acts[site][-1].detach()
+                        now[site].append(first(w.clone() if copy else w, len(path["input_ids"])))
             values = value(model.output.logits, max(steps, 1))  # [rows]
             grads = iter(gradients(values.sum(), [a for site in sites for a in acts[site]]))
             corrupted = base_metric[n:] if steps else values.detach()  # the corrupted rows' metric
@@ -80,7 +80,7 @@ def trace(model, p: Pairs, *, steps: int, remote=False, backend=None) -> dict:
                 scores = []
                 for plain_act, act in zip(base[site], now.get(site, acts[site])):  # no-grad pass's, this pass's
                     delta = pair_delta(plain_act[:n], plain_act[n:] if steps else act, mask)
-                    grad = path_gradient(next(grads), steps=steps)
+                    grad = path_gradient(next(grads).view_as(act), steps=steps)  # shaped as the write was read
                     s = head_attribution_scores(grad, delta, n_heads=n_heads) if site == "head" else \
                         attribution_scores(grad, delta)  # [pair, (head,) pos]
                     scores.append(s if keep else s.sum(-1))

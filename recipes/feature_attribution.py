@@ -42,7 +42,8 @@ def trace(model, batch: Batch, *, saes: list, sites: list, top_k: int | None, re
             x = {}  # sae index -> [batch, d_model], read in forward order
             for layer, here in zip(model.layers, sites):
                 for i, site in here:
-                    x[i] = read_at(layer.input if site == "resid_pre" else first(getattr(layer, site).output), at)
+                    site_out = layer.input if site == "resid_pre" else first(getattr(layer, site).output, len(at))
+                    x[i] = read_at(site_out, at)  # [batch, d_model] (OPT's MLP write comes flattened)
             resid = read_at(model.ln_f.input, at)  # [batch, d_model]
             scale = norm_scale(resid, norm=norm, eps=eps)  # measured on this pass, then frozen
             final = inverse_softcap(read_at(model.output.logits, at).float(), cap)  # [batch, vocab]

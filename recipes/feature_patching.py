@@ -48,7 +48,7 @@ def trace(model, p: Pairs, *, saes: list, sites: list, top_k: int | None, per_po
             clean = {}  # sae index -> the site's activation [pair, pos, d_model], in forward order
             for layer, here in zip(model.layers, sites):
                 for i, site in here:
-                    clean[i] = layer.input if site == "resid_pre" else first(getattr(layer, site).output)
+                    clean[i] = layer.input if site == "resid_pre" else first(getattr(layer, site).output, n)
                     clean[i] = clean[i].clone() if copy else clean[i]  # Falcon adds into its MLP's output in place
             clean_metric = value(model.output.logits)  # [pair]
         with model.trace(corrupted_rows, **last):
@@ -57,9 +57,10 @@ def trace(model, p: Pairs, *, saes: list, sites: list, top_k: int | None, per_po
             for layer, here in zip(model.layers, sites):
                 for i, site in here:
                     x[i] = layer.input if site == "resid_pre" else first(getattr(layer, site).output)
-                    now[i] = x[i].detach().clone() if copy else x[i].detach()
+                    now[i] = first(x[i].detach().clone() if copy else x[i].detach(), n)  # OPT's MLP: unflattened
             values = value(model.output.logits)  # [pair]
             grads = gradients(values.sum(), [x[i] for i in range(len(saes))])
+            grads = [g.view_as(now[i]) for i, g in enumerate(grads)]  # [pair, pos, d_model], as each site was read
             out = {"metric": torch.stack([clean_metric, values.detach()], 1).cpu()}  # [pair, clean / corrupted]
             for i, sae in enumerate(saes):
                 a_clean, a_corrupted = sae_encode(clean[i], sae), sae_encode(now[i], sae)  # [pair, pos, d_sae]
@@ -77,9 +78,8 @@ def trace(model, p: Pairs, *, saes: list, sites: list, top_k: int | None, per_po
     return out
 
 
-def run(model, clean, corrupted, answer=None, distractor=None, *, sae: features.SAEs | None = None,
-        metric=None, top_k: int | Literal["all"] | None = 20, per_position: bool = False,
-        align: Literal["right"] | None = None,
+def run(model, clean, corrupted, answer=None, distractor=None, *, sae: features.SAEs | None = None, metric=None,
+        top_k: int | Literal["all"] | None = 20, per_position: bool = False, align: Literal["right"] | None = None,
         batch_size: int | None = None, remote=False, backend=None) -> features.Attribution:
     """Estimated effect of patching each SAE feature from clean into corrupted, per pair (see the module doc).
 

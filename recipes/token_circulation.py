@@ -42,7 +42,8 @@ def trace(model, batch: Batch, *, n_layers: int, remote=False, backend=None) -> 
             states, writes = [model.layers[0].input], []  # [batch, pos, d_model] each
             for i in range(n_layers):
                 layer = model.layers[i]
-                writes.append(torch.stack([first(layer.attn_out.output), first(layer.mlp_out.output)]))
+                rows = len(inputs["input_ids"])  # first(output, rows): OPT's MLP write comes flattened
+                writes.append(torch.stack([first(layer.attn_out.output), first(layer.mlp_out.output, rows)]))
                 states.append(first(layer.output))
             final = model.output.logits[:, -1].float()  # [batch, vocab]: left-padded, so each prompt's last token
             answer = final.argmax(-1) if target is None else target.to(final.device)

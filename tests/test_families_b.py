@@ -1,5 +1,5 @@
 """Issue-14 families (famB): GPT-J and Falcon (parallel attention + MLP blocks), Phi-3 (fused qkv),
-and the refusal of OPT.
+and OPT (its MLP computed on the flattened stream).
 
 The parity of every recipe with the hooks reference, the DLA sum identity and padding invariance
 run for ``gptj``, ``falcon`` (Falcon-7B's layout: multi-query, parallel), ``falcon_new`` (the new
@@ -9,7 +9,7 @@ tests/test_families_remote.py. Here: the value layouts against each module's own
 classic Falcon layout (one kv head per head, sequential block), exact activation patching on the
 parallel blocks against forward hooks that replace the native module's output (Falcon adds
 attention into the MLP's output tensor in place: a cached copy must not see that), GPT-J's
-unembedding bias in the DLA bias term, and OPT's refusal.
+unembedding bias in the DLA bias term, and the refusal of OPT's post-norm and projected configurations.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def hooks_patch(hf, clean: str, corrupted: str, answer: str, distractor: str, la
             for site, path in (("attn", nat.attn_write), ("mlp", nat.mlp_write)):
                 def post(m, a, out, i=i, site=site):
                     x = out[0] if isinstance(out, tuple) else out
+                    x = x.unflatten(0, (1, -1)) if x.ndim == 2 else x  # OPT's fc2: [pos, d_model], a view
                     if node == (i, site):
                         x[:, pos] = value
                     keep[i, site] = x.clone()  # now: the block may add into it in place afterwards
@@ -128,7 +129,7 @@ def hooks_patch(hf, clean: str, corrupted: str, answer: str, distractor: str, la
 
 
 @pytest.mark.filterwarnings("ignore:pairs")  # a small gap: the same ratio on both sides, compared as numbers
-@pytest.mark.parametrize("arch", ["gptj", "falcon", "falcon_new"])
+@pytest.mark.parametrize("arch", ["gptj", "falcon", "falcon_new", "opt"])
 def test_exact_patching_of_parallel_blocks_matches_hooks(zoo, arch):
     """Patching resid / attn / mlp on a parallel block means what it means on a sequential one:
     the residual entering the block, attention's write, the MLP's write."""
@@ -143,24 +144,25 @@ def test_exact_patching_of_parallel_blocks_matches_hooks(zoo, arch):
 
 
 @pytest.mark.parametrize("change, reason", [
-    ({}, "flattens the residual stream"),
     ({"do_layer_norm_before": False}, "do_layer_norm_before=False"),
     ({"word_embed_proj_dim": 16}, "project_in/project_out"),
 ])
-def test_opt_is_refused_with_the_reason(change, reason):
+def test_opt_post_norm_and_projected_configurations_are_refused_with_the_reason(change, reason):
     config = T.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64, vocab_size=100,
                          **{"word_embed_proj_dim": 32, **change})
-    with pytest.raises(ValueError, match="does not support OPT: ") as error:
+    with pytest.raises(ValueError, match="does not support this OPT configuration: ") as error:
         nnattr.spec_for(config)
-    assert reason in str(error.value) and "GPT-2 or Pythia" in str(error.value)
+    assert reason in str(error.value)
     with pytest.raises(ValueError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         nnattr.load(T.AutoModelForCausalLM.from_config(config), tiny.tokenizer())
+    assert "opt" in nnattr.supported()  # the pre-norm configurations (OPT-125m, 1.3b and up) are supported
 
 
 def test_falcon_built_with_sdpa_says_it_cannot_switch_and_rollout_refuses():
     hf = tiny.hf_model("falcon", attn_implementation="sdpa")
-    with pytest.warns(UserWarning, match="cannot switch its attention implementation at run time"):
+    with pytest.warns(UserWarning, match="cannot switch its attention implementation at run time") as said:
         model = nnattr.load(hf, tiny.tokenizer())
+    assert not [w for w in said if "switched the model" in str(w.message)]  # one message, not two contradicting
     with pytest.raises(ValueError, match="needs attention probabilities"):
         attention_rollout.run(model, PROMPTS)
     result = dla.run(model, PROMPTS, TARGETS, DISTRACTORS)  # sdpa: the components still sum to the model's logit

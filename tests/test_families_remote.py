@@ -23,16 +23,18 @@ pytest.importorskip(
     reason="needs the ndif server core: pip install --no-deps --ignore-requires-python ndif==0.1.2",
 )
 
+import nnattr  # noqa: E402
 from nnattr import remote  # noqa: E402
 from nnattr.recipes import (  # noqa: E402
     activation_patching, attention_rollout, direct_logit_attribution, expert_attribution, logit_lens)
 from tests.support import fixtures, ndif_loopback, tiny  # noqa: E402
+from tests.test_falcon_rw import falcon_rw  # noqa: E402
 from tests.test_remote import DISTRACTORS, PROMPTS, TARGETS, same  # noqa: E402
 
 FAMILIES = ["gpt_neox", "mistral", "qwen2", "gemma", "gemma2",  # the first seven but GPT-2 and Llama
-            "qwen3", "qwen3_moe", "mixtral", "olmo2", "olmo3", "gemma3_text", "gpt_oss",
-            "gptj", "falcon", "falcon_new", "phi3"]
-MOE = ["qwen3_moe", "mixtral", "gpt_oss"]
+            "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "olmo2", "olmo3", "gemma3_text", "gpt_oss",
+            "gptj", "falcon", "falcon_new", "phi3", "opt"]
+MOE = ["qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"]
 EAGER = ["falcon", "falcon_new"]  # served eager (see above)
 REPOS = {arch: f"nnattr-test/tiny-{arch.replace('_', '-')}" for arch in FAMILIES}
 KEY = "6f1c0d3e-8a8b-4f7e-9d55-1f0c2b3a4d5e"
@@ -52,6 +54,18 @@ def _served_eager(arch: str, repo: str):
 
 for _arch in EAGER:
     SERVERS[REPOS[_arch]] = functools.partial(_served_eager, _arch, REPOS[_arch])
+
+
+def _falcon_rw():
+    """Falcon-RW (ALiBi) runs with sdpa only (tests/test_falcon_rw.py): client and server both hold it so."""
+    hf = falcon_rw("sdpa")  # seeded: the same weights each time
+    hf.name_or_path = REPOS["falcon_rw"]
+    return hf
+
+
+REPOS["falcon_rw"] = "nnattr-test/tiny-falcon-rw"
+CLIENTS["falcon_rw"] = nnattr.load(_falcon_rw(), tiny.tokenizer(), attn_implementation="sdpa")
+SERVERS[REPOS["falcon_rw"]] = lambda: nnsight.TransformersModel(_falcon_rw(), tokenizer=tiny.tokenizer())
 
 _server = fixtures.loopback_fixture(SERVERS, api_key=KEY, repo_ids=list(REPOS.values()), api_keys={KEY},
                                     remote_logging=False)
@@ -95,6 +109,13 @@ def test_expert_split_on_ndif_equals_local(ndif, arch):
 def test_rollout_with_attention_sinks_on_ndif_equals_local(ndif):
     result = one_request(ndif, attention_rollout, CLIENTS["gpt_oss"], PROMPTS)
     assert "attention_sinks" in result.meta
+
+
+def test_falcon_rw_with_sdpa_on_ndif_equals_local(ndif):
+    model = CLIENTS["falcon_rw"]
+    one_request(ndif, direct_logit_attribution, model, PROMPTS, TARGETS, DISTRACTORS, by="head")
+    one_request(ndif, logit_lens, model, PROMPTS, positions="all", k=3)
+    assert ndif.last.env["attn_implementation"] == "sdpa"  # the eager path is refused (ALiBi twice)
 
 
 @pytest.mark.filterwarnings("ignore:pairs")  # recovery of random tiny models: compared as numbers

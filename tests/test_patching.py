@@ -81,6 +81,14 @@ def hooks_atp(hf, clean, corrupted, answer, distractor, *, steps=0):
         t.retain_grad()
         acts[site].append((t, t.detach().clone()))  # the value now: Falcon adds attention into its MLP output in place
 
+    def write(site, out):  # GPT-OSS's MLP returns (out, scores); OPT's fc2 runs on the flattened [batch * pos, d]
+        x = out[0] if isinstance(out, tuple) else out
+        if x.ndim == 2:  # send the unflattened tensor on, so that it is the one the gradient reaches
+            x = x.unflatten(0, (len(mask), -1))
+            keep(site, x)
+            return x.flatten(0, 1)
+        keep(site, x)
+
     def embed_hook(module, args, out):
         if not steps:
             return out.requires_grad_(True)
@@ -96,9 +104,8 @@ def hooks_atp(hf, clean, corrupted, answer, distractor, *, steps=0):
                                             with_kwargs=True),
             attn.get_submodule(spec.o_proj).register_forward_pre_hook(lambda m, a: keep("head", a[0])),
             layer.get_submodule(spec.attn_out or spec.attn).register_forward_hook(
-                lambda m, a, out: keep("attn", out[0] if isinstance(out, tuple) else out)),
-            layer.get_submodule(spec.mlp_out or spec.mlp).register_forward_hook(
-                lambda m, a, out: keep("mlp", out[0] if isinstance(out, tuple) else out)),  # GPT-OSS: (out, scores)
+                lambda m, a, out: write("attn", out)),
+            layer.get_submodule(spec.mlp_out or spec.mlp).register_forward_hook(lambda m, a, out: write("mlp", out)),
         ]
     try:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count from the first token

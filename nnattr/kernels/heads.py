@@ -12,12 +12,19 @@ import torch
 from einops import rearrange
 
 
-def first(output):
+def first(output, rows: int | None = None):
     """The tensor of a module output that may be a tuple (``attn`` returns ``(out, weights)``).
 
-    The one place nnattr unwraps tuple-or-tensor outputs.
+    The one place nnattr unwraps tuple-or-tensor outputs. With ``rows`` (the batch size), a
+    residual write that the block flattened to ``[rows * pos, d_model]`` (OPT computes its MLP on
+    the flattened stream) comes back as ``[rows, pos, d_model]``, a view of the same storage, so
+    an in-place patch of it still reaches the forward pass; any other tensor is returned as it is.
+
+    >>> first((torch.zeros(6, 4), None), rows=2).shape
+    torch.Size([2, 3, 4])
     """
-    return output[0] if isinstance(output, (tuple, list)) else output
+    x = output[0] if isinstance(output, (tuple, list)) else output
+    return x.unflatten(0, (rows, -1)) if rows is not None and x.ndim == 2 else x
 
 
 def read_at(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

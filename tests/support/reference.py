@@ -22,6 +22,7 @@ call. Each function takes a batch ``input_ids: [batch, pos]`` and an optional le
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -109,6 +110,7 @@ NATIVE = {
     "qwen3": Native(**_LLAMA),
     "qwen3_moe": Native(**_LLAMA),
     "mixtral": Native(**_LLAMA),
+    "qwen2_moe": Native(**_LLAMA),  # routed experts plus a sigmoid-gated shared expert, one write
     "gpt_oss": Native(**_LLAMA),
     "olmo2": Native(**{**_LLAMA, "attn_write": "post_attention_layernorm", "mlp_write": "post_feedforward_layernorm"}),
     "olmo3": Native(**{**_LLAMA, "attn_write": "post_attention_layernorm", "mlp_write": "post_feedforward_layernorm"}),
@@ -121,6 +123,11 @@ NATIVE = {
     "falcon": Native(("transformer.word_embeddings",), "transformer.h", "self_attention", "mlp",
                      "self_attention.dense", "self_attention.query_key_value", _falcon, "transformer.ln_f"),
     "phi3": Native(**{**_LLAMA, "v_module": "self_attn.qkv_proj", "values": _phi3}),
+    # OPT: no MLP module; fc1 -> relu -> fc2 run on the stream flattened to [batch * pos, d_model] (`recording`
+    # restores the batch dimension).
+    "opt": Native(("model.decoder.embed_tokens", "model.decoder.embed_positions"), "model.decoder.layers",
+                  "self_attn", "fc2", "self_attn.out_proj", "self_attn.v_proj", _per_head,
+                  "model.decoder.final_layer_norm"),
 }
 
 
@@ -142,11 +149,23 @@ def recording(model, outputs: dict[str, str] | None = None, inputs: dict[str, st
     """Record modules' outputs and first inputs during ``model(...)``: ``{key: path}`` in,
     ``{key: tensor}`` out (the tensor stays in the autograd graph)."""
     seen: dict[str, torch.Tensor] = {}
-    handles = []
+    rows = {}  # the batch size of the call, for outputs a block computes on the flattened stream (OPT's fc2)
+
+    def batch_size(module, args, kwargs):
+        x = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        rows["n"] = x.shape[0]
+
+    def record(module, args, out, key):
+        x = _tensor(out)
+        if x.ndim == 2:  # [batch * pos, d_model]: unflatten, and send the unflattened tensor on (so it has a gradient)
+            x = x.unflatten(0, (rows["n"], -1))
+            seen[key] = x if torch.is_grad_enabled() else x.clone()
+            return x.flatten(0, 1)
+        seen[key] = x if torch.is_grad_enabled() else x.clone()  # a copy: Falcon adds in place
+
+    handles = [model.register_forward_pre_hook(batch_size, with_kwargs=True)]
     for key, path in (outputs or {}).items():
-        hook = lambda m, a, out, key=key: seen.__setitem__(  # noqa: E731
-            key, _tensor(out) if torch.is_grad_enabled() else _tensor(out).clone())  # a copy: Falcon adds in place
-        handles.append(model.get_submodule(path).register_forward_hook(hook))
+        handles.append(model.get_submodule(path).register_forward_hook(functools.partial(record, key=key)))
     for key, path in (inputs or {}).items():
         hook = lambda m, a, kw, key=key: seen.__setitem__(key, a[0] if a else kw["hidden_states"])  # noqa: E731
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
