@@ -67,12 +67,18 @@ def check_paths(hf, spec: ArchSpec) -> None:
     for i, block in enumerate(blocks):
         here = f"layers[{i}] ({spec.layers}.{i})"
         attn = _resolve(block, spec.attn, "attn", "attn", where, here)
-        _resolve(block, spec.mlp, "mlp", "mlp", where, here)
+        mlp = _resolve(block, spec.mlp, "mlp", "mlp", where, here)
+        for field in ("experts", "shared_expert", "shared_expert_gate"):  # mixture-of-experts parts, in the MLP
+            if getattr(spec, field) is not None:
+                _resolve(mlp, getattr(spec, field), field, f"mlp.{field}", where, f"{here}.{spec.mlp}")
         for field, alias in (("attn_out", "attn_out"), ("mlp_out", "mlp_out")):
             if getattr(spec, field) is not None:
                 _resolve(block, getattr(spec, field), field, alias, where, here)
         for field, alias in (("o_proj", "attn.o_proj"), ("v_proj", "attn.v_proj")):
             _resolve(attn, getattr(spec, field), field, alias, where, f"{here}.{spec.attn}")
+    if spec.n_experts_key and not isinstance(getattr(hf.config, spec.n_experts_key, None), int):
+        raise SpecError(f"{where}: n_experts_key={spec.n_experts_key!r} (the number of alias 'mlp.experts') is not an "
+                        f"int key of the {type(hf.config).__name__}", alias="mlp.experts")
     if spec.eps is None and getattr(hf.config, spec.eps_key, None) is None:
         keys = sorted(k for k in hf.config.to_dict() if "eps" in k)
         raise SpecError(f"{where}: eps_key={spec.eps_key!r} (the epsilon of alias 'ln_f') is not in the "
@@ -112,9 +118,14 @@ def _check_forward(model, spec: ArchSpec, tol: float) -> None:
             writes.append((first(layer.attn_out.output).clone(), first(layer.mlp_out.output).clone()))  # Falcon adds
             # attention into its MLP's output in place: keep the values as written
             blocks.append(first(layer.output))
-        seen = nnsight.save({"embeds": embeds, "start": start, "writes": writes, "blocks": blocks,
+            tuples = isinstance(layer.output, (tuple, list))  # what a skipped block must return
+        seen = nnsight.save({"embeds": embeds, "start": start, "writes": writes, "blocks": blocks, "tuple": tuples,
                              "norm_in": model.ln_f.input, "norm_out": first(model.ln_f.output)})
     where = f"ArchSpec(family={spec.family!r})"
+    if seen["tuple"] != spec.block_tuple:
+        raise SpecError(f"{where}: its decoder blocks return {'a tuple' if seen['tuple'] else 'a tensor'}, so set "
+                        f"block_tuple={seen['tuple']} (activation patching skips blocks with what they return)",
+                        alias="block_tuple")
     resid = sum(e.double() for e in seen["embeds"])
     error = _relative(resid, seen["start"])
     if error > tol:

@@ -1,16 +1,18 @@
 """Expert attribution: direct logit attribution with each mixture-of-experts MLP split per expert.
 
-Elhage et al. 2021 (DLA) on mixture-of-experts models (Mixtral, Qwen3-MoE, GPT-OSS). A MoE block
-writes ``sum_e g_e(x) E_e(x)``: the router's weight ``g_e`` (0 outside the top-k) times expert e's
-output. Each term goes through the final norm at its measured, frozen scale, so the embeddings,
-each layer's attention, its experts and its rest, and ``bias`` sum to the logit (pre-soft-cap).
+Elhage et al. 2021 (DLA) on mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-OSS). A
+MoE block writes ``sum_e g_e(x) E_e(x)``: the router's weight ``g_e`` (0 outside the top-k) times
+expert e's output, plus, on Qwen2-MoE, a shared expert ``sigmoid(w . x) S(x)`` every token uses.
+Each term goes through the final norm at its measured, frozen scale, so the embeddings, each
+layer's attention, its experts (shared too) and its rest, and ``bias`` sum to the logit (pre-soft-cap).
 
 ``L{i}E{e}``: expert e's weighted write at layer i (0 where the router did not pick it);
-``{i}_mlp_rest``: the MLP write less its experts' (float rounding on these families, a shared
-expert where a family has one); a layer's experts plus its rest are DLA's ``{i}_mlp_out``. On a
-dense model there are no experts and ``{i}_mlp_out`` is the whole MLP: plain DLA by component.
-Each expert is re-run on the read position only, by the model's own experts module, with every
-other expert's routing weight set to 0 (the block is linear in the routing weights).
+``L{i}shared``: the gated shared expert's write (only where the spec names one);
+``{i}_mlp_rest``: the MLP write less its experts' (float rounding); a layer's experts plus its
+rest are DLA's ``{i}_mlp_out``. On a dense model there are no experts and ``{i}_mlp_out`` is the
+whole MLP: plain DLA by component. Each expert is re-run on the read position only, by the model's
+own experts module, with every other expert's routing weight set to 0 (the block is linear in the
+routing weights); the shared expert and its gate, by their own modules on the same input.
 Returns ``[prompt, component]``; ``per_prompt["routing"]``: the router's weights [layer][expert].
 Wire: only the scores and the routing weights come back.
 
@@ -38,7 +40,7 @@ def trace(model, batch: Batch, *, remote=False, backend=None) -> dict:
     """One forward: residual writes at the read position, each MoE write split per expert."""
     a, target, other, at = batch.arch, batch.answer("target"), batch.answer("distractor"), batch.columns
     embeds, norm, offset, eps, cap = a.embeddings, a.norm, a.norm_weight_offset, a.eps, a.logit_softcap
-    n_experts, inputs = a.n_experts, batch.inputs
+    n_experts, inputs, has_shared, gated = a.n_experts, batch.inputs, a.shared_expert, a.shared_expert_gate
     with model.session(remote=remote, backend=backend):  # no_grad inside the session: it runs where the model does
         with torch.no_grad(), model.trace(inputs):
             writes = [read_at(first(getattr(model, name).output), at) for name in embeds]  # [batch, d_model] each
@@ -53,8 +55,11 @@ def trace(model, batch: Batch, *, remote=False, backend=None) -> dict:
                     per = layer.mlp.experts(h.repeat(n_experts, 1), index.repeat(n_experts, 1), gates.flatten(0, 1))
                     per = per.view(n_experts, at.shape[0], -1)  # [expert, batch, d_model]
                     routing.append(gates.sum(-1).T)  # [batch, expert]
-                mlp = read_at(first(layer.mlp_out.output), at)  # [batch, d_model]
-                writes += [*per, mlp - per.sum(0)] if n_experts else [mlp]
+                    shared = [layer.mlp.shared_expert(h)] if has_shared else []  # every token's: [batch, d_model]
+                    if gated:  # its gate: one logit, through a sigmoid
+                        shared = [torch.sigmoid(layer.mlp.shared_expert_gate(h)) * shared[0]]
+                mlp = read_at(first(layer.mlp_out.output, len(at)), at)  # [batch, d_model] (OPT's: flattened)
+                writes += [*per, *shared, mlp - per.sum(0) - sum(shared)] if n_experts else [mlp]
             scale = norm_scale(read_at(model.ln_f.input, at), norm=norm, eps=eps)  # measured, then frozen
             final = inverse_softcap(read_at(model.output.logits, at).float(), cap)  # [batch, vocab]
             answer = final.argmax(-1) if target is None else target.to(final.device)
@@ -82,13 +87,14 @@ def run(model, prompts, target=None, distractor=None, *, position: int | Sequenc
     error = sum_error(out["scores"], out["logit"], what="expert attribution's components")
     a, n, e = batch.arch, batch.arch.n_layers, batch.arch.n_experts
     mlp = "rest" if e else "out"  # a dense model: the MLP is one write
-    parts = [x for i in range(n) for x in (f"{i}_attn_out", *[f"L{i}E{j}" for j in range(e)], f"{i}_mlp_{mlp}")]
+    parts = [x for i in range(n) for x in (f"{i}_attn_out", *[f"L{i}E{j}" for j in range(e)],
+                                           *[f"L{i}shared"] * a.shared_expert, f"{i}_mlp_{mlp}")]
     labels = {"prompt": batch.labels, "component": [*a.embeddings, *parts, "bias"]}
     return Attribution(
         out["scores"], tuple(labels), labels, method="expert_attribution", units=UNITS, tokens=batch.tokens,
         title=TITLE if e else f"{TITLE} (a dense model: no experts)", metric=batch.metric(out["target"]),
         meta={"logit_kind": "pre-softcap logit" if a.logit_softcap else "logit", "read_at": batch.read_at,
-              "n_experts": e, "sum_error": max(error)},
+              "n_experts": e, "shared_expert": a.shared_expert, "sum_error": max(error)},
         per_prompt={"target": batch.decode(out["target"]), "logit": out["logit"].tolist(), "sum_error": error,
                     "position": list(batch.positions), "read_token": list(batch.read_tokens),
                     **({"routing": out["routing"].tolist()} if e else {}),

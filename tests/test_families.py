@@ -11,6 +11,8 @@ recipe's (which zeroes the other experts' routing weights).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -18,7 +20,7 @@ from torch.func import functional_call
 import nnattr
 from nnattr.recipes import attention_rollout, direct_logit_attribution as dla, expert_attribution as experts
 from tests import test_recipes as base
-from tests.support import reference as ref
+from tests.support import reference as ref, tiny
 from tests.test_recipes import DISTRACTORS, PROMPTS, TARGETS, close, ids, token
 
 zoo = base.zoo  # the sharpened tiny models
@@ -81,7 +83,67 @@ def test_experts_sum_to_the_mlp_write_and_match_the_reference(zoo, arch):
             close(row[name], whole[i].values[dense.index(name)])
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def block_reference(hf, input_ids, target, distractor) -> torch.Tensor:
+    """``[layer, expert + 1]``: each routed expert's, then the shared expert's, write at the last position
+    through the frozen final norm, as the whole MoE block minus the block re-run on its recorded input
+    with that expert's down projection zeroed (the router reads the input: the routing stays)."""
+    seen, mlps = {}, [block.get_submodule("mlp") for block in ref.blocks(hf)]
+    hooks = [m.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args)) for i, m in enumerate(mlps)]
+    try:
+        r = ref.read_out(hf, input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    t, t2 = torch.tensor([target]), torch.tensor([distractor])
+    out = []
+    with torch.no_grad():
+        for i, module in enumerate(mlps):
+            full, row = module(*seen[i]), []
+            for e in range(module.experts.num_experts + 1):
+                params = dict(module.named_parameters())
+                if e < module.experts.num_experts:  # routed expert e: its slice of the stacked down projections
+                    down = params["experts.down_proj"]  # [expert, d_model, d_ff]
+                    params["experts.down_proj"] = down.clone().index_fill_(0, torch.tensor([e]), 0.0)
+                else:  # the shared expert
+                    params["shared_expert.down_proj.weight"] = params["shared_expert.down_proj.weight"] * 0
+                write = (full - functional_call(module, params, seen[i]))[0, -1:].double()  # [1, d_model]
+                row.append(ref.frozen_norm_share(hf, write, r.resid, t, t2)[0])
+            out.append(torch.stack(row))
+    return torch.stack(out)
+
+
+def test_a_shared_expert_is_its_own_part_and_matches_the_reference(zoo):
+    """Qwen2-MoE: routed experts plus a sigmoid-gated shared expert; ``L{i}shared`` is the gated write."""
+    hf, model = zoo("qwen2_moe")
+    split = experts.run(model, PROMPTS, TARGETS, DISTRACTORS)
+    whole = dla.run(model, PROMPTS, TARGETS, DISTRACTORS)
+    n, e, names, dense = 2, 4, split.labels["component"], whole.labels["component"]
+    assert names == ["embed", *[x for i in range(n) for x in (f"{i}_attn_out", *[f"L{i}E{j}" for j in range(e)],
+                                                              f"L{i}shared", f"{i}_mlp_rest")], "bias"]
+    for i, p in enumerate(PROMPTS):
+        x, t, d = ids(p), token(TARGETS[i]), token(DISTRACTORS[i])
+        close(split[i].values.sum(), ref.dla_components(hf, x, t, d)[1][0])
+        row = dict(zip(names, split[i].values.double()))
+        expected = block_reference(hf, x, t, d)  # [layer, expert + shared]
+        for layer in range(n):
+            each = torch.stack([row[f"L{layer}E{j}"] for j in range(e)] + [row[f"L{layer}shared"]])
+            close(each, expected[layer])
+            assert abs(row[f"L{layer}shared"]) > 1e-3 and abs(row[f"{layer}_mlp_rest"]) < 1e-5  # rounding only
+            close(each.sum() + row[f"{layer}_mlp_rest"], whole[i].values[dense.index(f"{layer}_mlp_out")])
+
+
+@pytest.mark.parametrize("change, alias", [({"shared_expert": "shared_experts"}, "mlp.shared_expert"),
+                                           ({"shared_expert_gate": "gate_shared"}, "mlp.shared_expert_gate"),
+                                           ({"n_experts_key": "num_local_experts"}, "mlp.experts")])
+def test_a_moe_spec_from_python_names_a_part_that_does_not_resolve(zoo, change, alias):
+    hf, _ = zoo("qwen2_moe")
+    spec = dataclasses.replace(nnattr.arch.spec_for(hf.config), family="My-MoE", **change)
+    with pytest.raises(nnattr.spec_check.SpecError, match=f"alias '{alias}'") as error:
+        nnattr.load(hf, tiny.tokenizer(), spec=spec)
+    assert error.value.alias == alias
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "qwen2_moe"])
 def test_expert_split_padded_and_at_a_position_equals_one_by_one(zoo, arch):
     _, model = zoo(arch)
     batched = experts.run(model, PROMPTS, TARGETS, position=AT, batch_size=2)

@@ -133,6 +133,7 @@ def test_a_path_that_does_not_resolve_names_its_alias(field, value, alias, probl
     (dict(norm_weight_offset=1.0), "ln_f", r"norm_weight_offset=1.*It matches norm='layernorm', norm_weight_offset=0"),
     (dict(attn_out="post_attention_layernorm"), "layers[0].attn_out / mlp_out",
      r"not the sum of the writes.*layers\[0\]'s output"),
+    (dict(block_tuple=True), "block_tuple", r"its decoder blocks return a tensor, so set block_tuple=False"),
 ])
 def test_a_spec_that_breaks_the_identity_names_its_alias(change, alias, problem):
     with pytest.raises(SpecError, match=problem) as error:
@@ -150,6 +151,8 @@ def test_a_copy_of_a_shipped_spec_passes_its_checks_even_where_writes_change_in_
     hf = tiny.hf_model("falcon")
     mine = dataclasses.replace(arch.spec_for(hf.config), family="My Falcon")
     assert nnattr.arch.arch_of(nnattr.load(hf, tiny.tokenizer(), spec=mine)).family == "My Falcon"
+    with pytest.raises(SpecError, match="return a tuple, so set block_tuple=True"):  # what a skipped block returns
+        nnattr.load(hf, tiny.tokenizer(), spec=dataclasses.replace(mine, block_tuple=False))
 
 
 @pytest.mark.parametrize("change", [dict(mlp="mlp.down_proj"), dict(v_proj="o_proj", o_proj="v_proj"),
