@@ -12,7 +12,7 @@ weights on the meta device, nothing downloaded), one prompt of `POSITIONS` token
   terms named in `HELD`, plus, for gradient recipes, the autograd graph of the forward, measured
   (`graph_bytes`) on the meta model with ``saved_tensors_hooks`` (parameters excluded).
 
-    PYTHONPATH=. python tests/support/real_sizes.py            # print the tables for docs/remote.md
+    PYTHONPATH=. python tests/support/real_sizes.py            # rewrite docs/remote.md's section
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ MODELS = {
 
 
 def _recipes():
-    from nnattr.recipes import (attention_rollout, attention_summary, attention_views, direct_logit_attribution,
-                                head_attribution, logit_lens, token_attribution, token_circulation)
+    from nnattr.recipes import (activation_patching, attention_rollout, attention_summary, attention_views,
+                                attribution_patching, direct_logit_attribution, expert_attribution, feature_attribution,
+                                feature_patching, head_attribution, logit_lens, token_attribution, token_circulation)
 
     dla, views = direct_logit_attribution, attention_views
     return {  # name: (recipe, keyword arguments)
@@ -62,6 +63,8 @@ def _recipes():
         "logit_lens positions=all": (logit_lens, dict(positions="all")),
         "head_attribution by=head": (head_attribution, dict(by="head")),
         "head_attribution by=head_position": (head_attribution, dict(by="head_position")),
+        "dla by=head_position layers=[-1]": (dla, dict(by="head_position", layers=[-1])),  # the 1 MB rule's option
+        "head_attribution by=head_position layers=[-1]": (head_attribution, dict(by="head_position", layers=[-1])),
         **{f"attention_rollout view={v}": (attention_rollout, dict(view=v)) for v in ("rollout", "value_weighted",
                                                                                        "flow")},
         "attention_views patterns layers=[-1]": (views, dict(layers=[-1])),
@@ -71,13 +74,87 @@ def _recipes():
         "token_attribution grad_x_input": (token_attribution, dict(method="grad_x_input")),
         "token_attribution attention": (token_attribution, dict(method="attention")),
         "token_circulation": (token_circulation, {}),
+        # on one clean/corrupted pair (`corrupted`), answer and distractor ids ANSWER:
+        "activation_patching every node (default)": (activation_patching, {}),
+        f"activation_patching candidates k={PATCH_K}": (activation_patching, dict(candidates=Built(candidates),
+                                                                                   k=PATCH_K)),
+        "attribution_patching atp": (attribution_patching, {}),
+        "attribution_patching ig (5 steps)": (attribution_patching, dict(method="ig")),
+        "attribution_patching atp nodes=[head_pos]": (attribution_patching, dict(nodes=["head_pos"])),
+        "expert_attribution (dense: DLA by component)": (expert_attribution, {}),
+        f"feature_attribution ({SAE_WIDTH}x SAE, top_k=20)": (feature_attribution, dict(sae=Built(sae))),
+        f"feature_patching ({SAE_WIDTH}x SAE, top_k=20)": (feature_patching, dict(sae=Built(sae))),
     }
+
+
+#: Patching recipes run on one pair: the prompt and `corrupted` (its middle token changed), with answer and
+#: distractor ids every vocabulary holds. SAE recipes: a ReLU SAE of SAE_WIDTH x d_model features on the middle
+#: layer's resid_pre (between Llama Scope's 8x and 32x SAEs of Llama-3.1-8B), built on the model's device (meta:
+#: no memory). TOP_K: the SAE recipes' default top_k.
+PAIRS = ("activation_patching", "attribution_patching", "feature_patching")
+ANSWER, PATCH_K, SAE_WIDTH, TOP_K = (5, 6), 10, 16, 20
+
+
+class Built:
+    """An option built for the run's model and prompt (``make(model, ids)``): an SAE of its width, candidates."""
+
+    def __init__(self, make) -> None:
+        self.make = make
+
+
+def corrupted(ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` with its middle token replaced by another id in 3..99."""
+    out, mid = ids.clone(), ids.shape[1] // 2
+    out[:, mid] = 3 + (ids[:, mid] - 2) % 97
+    return out
+
+
+def sae(model, ids):
+    """A ReLU SAE of ``SAE_WIDTH x d_model`` features at the middle layer's resid_pre (random, float32, as nnattr
+    sends it), on the model's device: on the meta device it allocates nothing (`request_bytes` adds its bytes)."""
+    from nnattr.arch import arch_of
+    from nnattr.features import SAE
+
+    a, meta = arch_of(model), next(model._module.parameters()).is_meta
+    d, n, g = a.d_model, SAE_WIDTH * a.d_model, torch.Generator().manual_seed(0)
+    make = (lambda *shape: torch.empty(*shape, device="meta")) if meta else \
+        (lambda *shape: torch.randn(*shape, generator=g) / d**0.5)  # noqa: E731
+    return SAE(W_enc=make(d, n), b_enc=make(n), W_dec=make(n, d), b_dec=make(d), layer=a.n_layers // 2)
+
+
+def sae_bytes(d) -> int:
+    """The SAE's float32 tensors, which travel with the request (``d``: `nnattr.arch.Arch` sizes)."""
+    return F32 * (2 * d.d_model * SAE_WIDTH * d.d_model + SAE_WIDTH * d.d_model + d.d_model)
+
+
+def candidates(model, ids) -> dict:
+    """An attribution-patching result's shapes for ``ids`` (random scores): activation patching's
+    ``candidates``, from which it patches the top `PATCH_K` of each default node type."""
+    from nnattr.arch import arch_of
+    from nnattr.pairs import DEFAULT_NODES, node_dims
+    from nnattr.result import Attribution
+
+    a, g = arch_of(model), torch.Generator().manual_seed(0)
+    sizes = {"prompt": 1, "layer": a.n_layers, "head": a.n_heads, "position": ids.shape[1]}
+    return {node: Attribution(torch.randn(*[sizes[d] for d in node_dims(node)], generator=g), node_dims(node),
+                              {d: [str(i) for i in range(sizes[d])] for d in node_dims(node)},
+                              method="attribution_patching", by=node) for node in DEFAULT_NODES}
+
+
+def run_case(case: str, model, ids: torch.Tensor, backend=None, **override):
+    """Run ``case``'s recipe on ``ids`` (``[1, pos]``; pair recipes: and `corrupted`), options overridden."""
+    recipe, kwargs = _recipes()[case]
+    kwargs = {k: v.make(model, ids) if isinstance(v, Built) else v for k, v in {**kwargs, **override}.items()}
+    if recipe.__name__.rsplit(".", 1)[-1] in PAIRS:
+        return recipe.run(model, ids, corrupted(ids), [ANSWER[0]], [ANSWER[1]], backend=backend, **kwargs)
+    return recipe.run(model, ids, backend=backend, **kwargs)
 
 
 
 
 #: Cases that need exact per-head contributions: refused where heads pass a post-sub-layer norm (OLMo-3).
-HEAD_LEVEL = ("dla by=head", "dla by=head_position", "dla by=all", "token_attribution attention")
+HEAD_LEVEL = ("dla by=head", "dla by=head_position", "dla by=all", "token_attribution attention",
+              "dla by=head_position layers=[-1]")
 
 
 def refused(case: str, d) -> bool:
@@ -96,6 +173,8 @@ def result_bytes(case: str, d, pos: int = POSITIONS) -> int:
         "logit_lens positions=last": lens, "logit_lens positions=all": I64 + pos * (lens - I64),
         "head_attribution by=head": answer + F32 * L * H,
         "head_attribution by=head_position": answer + F32 * L * H * pos,
+        "dla by=head_position layers=[-1]": dla + F32 * 1 * H * pos,  # one layer kept
+        "head_attribution by=head_position layers=[-1]": answer + F32 * 1 * H * pos,
         "attention_rollout view=rollout": F32 * pos**2, "attention_rollout view=value_weighted": F32 * pos**2,
         "attention_rollout view=flow": F32 * H * pos**2,
         "attention_views patterns layers=[-1]": F32 * H * pos**2,
@@ -105,6 +184,16 @@ def result_bytes(case: str, d, pos: int = POSITIONS) -> int:
         "token_attribution grad_x_input": answer + F32 + F32 * pos,
         "token_attribution attention": answer + F32 * pos,
         "token_circulation": I64 + pos * (L + 1) * (F32 + 4) + F32 * 3 * L * pos,
+        # a metric per patched row, after the clean and corrupted rows' (resid: per position, head: per head)
+        "activation_patching every node (default)": F32 * (2 + L * (pos + 2 + H)),
+        f"activation_patching candidates k={PATCH_K}": F32 * (2 + min(PATCH_K, L * pos) + 2 * min(PATCH_K, L)
+                                                              + min(PATCH_K, L * H)),
+        "attribution_patching atp": F32 * (2 + L * pos + 2 * L + L * H),  # metrics; resid, attn, mlp, head
+        "attribution_patching ig (5 steps)": F32 * (2 + L * pos + 2 * L + L * H),
+        "attribution_patching atp nodes=[head_pos]": F32 * (2 + L * H * pos),
+        "expert_attribution (dense: DLA by component)": dla,  # no experts: no routing weights
+        f"feature_attribution ({SAE_WIDTH}x SAE, top_k=20)": answer + TOP_K * (F32 + I64) + F32 * 4,
+        f"feature_patching ({SAE_WIDTH}x SAE, top_k=20)": F32 * 2 + TOP_K * (F32 + I64) + F32 * 2,
     }[case]
 
 
@@ -122,6 +211,19 @@ HELD = {
                          "head_position",
     "token_circulation": "every layer's attention and MLP writes (2 x L x pos x d_model, bf16) and one layer's "
                          "logits (3 x pos x vocab, f32)",
+    "activation_patching": "the residual stream entering every layer, both runs (2 x L x pos x d_model), and the "
+                           "clean run's head inputs, attention and MLP writes (L x pos x (head x d_head + 2 d_model)), "
+                           "bf16, whatever is patched; the patched forwards run `rows` prompts at once",
+    "attribution_patching": "atp: G(1) + each node site's activation on the clean run and its gradient on the "
+                            "corrupted run (2 x L x pos x width, bf16; width: d_model for resid, attn and mlp, "
+                            "head x d_head for head); ig: G(steps) and (2 + steps) x L x pos x width (the clean and "
+                            "corrupted runs, the gradients of the steps rows)",
+    "expert_attribution": "a dense model: as DLA by component",
+    "feature_attribution": "the SAE's weights (2 x d_model x d_sae + d_sae + d_model, f32), 3 rows of d_sae "
+                           "(f32) and the read logits row (vocab, f32)",
+    "feature_patching": "the SAE's weights, G(1), the clean site and its gradient (2 x pos x d_model, bf16), and at "
+                        "the scoring's peak 5 x pos x d_sae (f32: both runs' feature activations, the gradient "
+                        "through W_dec, the difference, the scores)",
 }
 
 
@@ -131,13 +233,15 @@ def held_bytes(case: str, d, graph: int, pos: int = POSITIONS) -> int:
     dla = BF16 * (e + 2 * L) * D + F32 * V
     heads = BF16 * L * H * dh
     values = BF16 * L * (pos * KV * dh + H * pos)
-    attention = F32 * (1 + H) * pos**2
+    attention, S = F32 * (1 + H) * pos**2, SAE_WIDTH * D
     return {
         "dla by=component": dla, "dla by=layer": dla, "dla by=head": dla + heads, "dla by=all": dla + heads,
         "dla by=head_position": dla + heads + values,
         "logit_lens positions=last": 3 * F32 * V, "logit_lens positions=all": 3 * F32 * pos * V,
         "head_attribution by=head": graph + 2 * BF16 * L * pos * H * dh,
         "head_attribution by=head_position": graph + 2 * BF16 * L * pos * H * dh,
+        "dla by=head_position layers=[-1]": dla + (heads + values) // L,  # one layer's z, values and rows
+        "head_attribution by=head_position layers=[-1]": graph + 2 * BF16 * 1 * pos * H * dh,  # one layer's z, grad
         "attention_rollout view=rollout": attention, "attention_rollout view=value_weighted": attention,
         "attention_rollout view=flow": 2 * F32 * H * pos**2,
         "attention_views patterns layers=[-1]": F32 * H * pos**2,
@@ -146,6 +250,14 @@ def held_bytes(case: str, d, graph: int, pos: int = POSITIONS) -> int:
         "token_attribution ig (64 steps)": 65 * graph, "token_attribution grad_x_input": graph,
         "token_attribution attention": values + F32 * V,
         "token_circulation": 2 * BF16 * L * pos * D + 3 * F32 * pos * V,
+        "activation_patching every node (default)": BF16 * L * pos * (4 * D + H * dh),
+        f"activation_patching candidates k={PATCH_K}": BF16 * L * pos * (4 * D + H * dh),
+        "attribution_patching atp": graph + 2 * BF16 * L * pos * (3 * D + H * dh),
+        "attribution_patching ig (5 steps)": 5 * graph + (2 + 5) * BF16 * L * pos * (3 * D + H * dh),
+        "attribution_patching atp nodes=[head_pos]": graph + 2 * BF16 * L * pos * H * dh,
+        "expert_attribution (dense: DLA by component)": dla,
+        f"feature_attribution ({SAE_WIDTH}x SAE, top_k=20)": sae_bytes(d) + 3 * F32 * S + F32 * V,
+        f"feature_patching ({SAE_WIDTH}x SAE, top_k=20)": sae_bytes(d) + graph + 2 * BF16 * pos * D + 5 * F32 * pos * S,
     }[case]
 
 
@@ -180,16 +292,16 @@ def prompt() -> torch.Tensor:
 
 def request_bytes(name: str, case: str) -> int:
     """The recipe's request for ``name`` as nnsight's RemoteBackend would send it (zstd), not sent."""
+    from nnattr.arch import arch_of
     from nnattr.remote import Deferred
 
-    recipe, kwargs = _recipes()[case]
     capture = _Capture()
     try:
-        recipe.run(meta_model(name), prompt(), backend=capture, **kwargs)
+        run_case(case, meta_model(name), prompt(), backend=capture)
     except Deferred:
         pass
     assert len(capture.sizes) == 1, f"{case}: {len(capture.sizes)} requests"
-    return capture.sizes[0]
+    return capture.sizes[0] + (sae_bytes(arch_of(MODELS[name]())) if "SAE" in case else 0)  # a meta SAE's bytes
 
 
 def graph_bytes(name: str, rows: int = 1) -> int:
@@ -273,9 +385,78 @@ def tables() -> str:
             for c in cases))
     out.append("G(1), the autograd graph of one prompt's forward (measured): "
                + ", ".join(f"{n} {size(graphs[n])}" for n in names) + ".\n")
+    out.append(over_1mb(archs[BIGGEST]))
+    out.append(closing(archs, graphs))
     return "\n".join(out)
+
+
+BIGGEST = "Llama-3.1-405B"
+
+
+def reductions(d) -> dict[str, str]:
+    """For each case whose result can pass 1 MB at 405B (``d``), what a user can ask for instead."""
+    r = lambda case: size(result_bytes(case, d))  # noqa: E731
+    lens_k1 = I64 + POSITIONS * (d.n_layers + 1) * (F32 + I64 + (I64 + F32))
+    no_heads = "no `layers=` / `heads=` option yet (the recipe is at its 120-line template limit)"
+    per_layer = size(F32 * d.n_heads * POSITIONS)
+    return {
+        "dla by=head_position": f"`layers=[...]` ({per_layer} per layer kept: those layers' heads by source "
+        f"position), or `by=\"head\"` ({r('dla by=head')}: every head, summed over source positions); then "
+        "`attention_views` (`view=\"value_weighted\"`, `layers=`, `heads=`) for the few heads that matter",
+        "head_attribution by=head_position": f"`layers=[...]` ({per_layer} per layer kept), or `by=\"head\"` "
+                                             f"({r('head_attribution by=head')})",
+        "logit_lens positions=all": f"`k=1` ({size(lens_k1)}: the top-1 prediction instead of the top {K}), "
+                                    f"`positions=\"last\"` or `position=` ({r('logit_lens positions=last')})",
+        "attention_rollout view=flow": "`attention_views(view=\"flow\", layers=[-1], heads=[...])`: "
+                                       f"{r('attention_views patterns layers=[-1] heads=[0]')} per head",
+        "attention_views patterns layers=[-1]": f"`heads=[...]`: {r('attention_views patterns layers=[-1] heads=[0]')}"
+                                                " per head",
+        "attribution_patching atp nodes=[head_pos]": f"`nodes=\"head\"` ({size(F32 * (2 + d.n_layers * d.n_heads))}: "
+        "the same heads summed over positions), or `attn_pos` / `mlp_pos` nodes "
+        f"({size(F32 * (2 + d.n_layers * POSITIONS))} each: one value per layer and position); {no_heads}. To "
+        "confirm per-position heads, `activation_patching(nodes=\"head_pos\", candidates=<this result>, k=...)` "
+        "patches the top `k` only (4 bytes per patched row), never the whole grid",
+    }
+
+
+def over_1mb(d) -> str:
+    """The section's table of results over 1 MB at 405B (``d``), each with its reduction."""
+    over = [c for c in _recipes() if not refused(c, d) and result_bytes(c, d) > MB]
+    missing = [c for c in over if c not in reductions(d)]
+    assert not missing, f"results over 1 MB at 405B without a reduction in real_sizes.reductions: {missing}"
+    return ("### Over 1 MB at 405B, and how to ask for less\n\n| recipe | result at 405B | reduction |\n"
+            "|---|---:|---|\n" + "".join(f"| `{c}` | {size(result_bytes(c, d))} | {reductions(d)[c]} |\n"
+                                          for c in over))
+
+
+def closing(archs: dict, graphs: dict) -> str:
+    """What limits the gradient and SAE recipes: memory and the request, not the result."""
+    small, big = "Llama-3.1-8B", BIGGEST
+    gb = lambda n: f"{n / 1e9:,.0f} GB" if n >= 1e10 else f"{n / 1e9:,.1f} GB"  # noqa: E731
+    return (
+        f"Memory, not bytes, is what limits the gradient recipes: integrated gradients with the default 64\n"
+        f"steps runs 65 copies of the prompt in one trace, and its autograd graph (65 × G(1)) is about "
+        f"{gb(65 * graphs[small])}\nat 8B and {gb(65 * graphs[big])} at 405B for {POSITIONS} tokens. Use fewer "
+        f"`steps`, shorter prompts, or `grad_x_input`\n(G(1)) on the largest models; attribution patching's "
+        f"`method=\"ig\"` holds G(steps) ({gb(5 * graphs[big])} at 405B\nwith its default 5 steps).\n\n"
+        f"The SAE recipes are limited by the SAE: its float32 weights (2 × d_model × d_sae × 4 bytes) travel\n"
+        f"with every request and stay on the server for the run: {gb(sae_bytes(archs[small]))} for a "
+        f"{SAE_WIDTH} × d_model SAE on Llama-3.1-8B,\n{gb(sae_bytes(archs[big]))} at 405B (zstd saves about 6% "
+        f"of float32 weights). A narrower SAE is the only way to\nsend less: nnattr keeps SAEs in float32 and has "
+        f"no server-side SAE.\n")
+
+
+def write_doc(text: str, doc=None) -> None:
+    """Replace docs/remote.md's section between its real-sizes markers with ``text``."""
+    from pathlib import Path
+
+    doc = Path(doc or Path(__file__).resolve().parents[2] / "docs" / "remote.md")
+    old = doc.read_text()
+    begin, end = "<!-- real-sizes:begin -->\n", "<!-- real-sizes:end -->"
+    head, rest = old.split(begin)
+    doc.write_text(head + begin + text + rest[rest.index(end):])
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print(tables())
+    write_doc(tables())
