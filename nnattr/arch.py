@@ -63,16 +63,30 @@ class ArchSpec:
     unsupported: Callable[[Any], str | None] | None = None  # why a config of the family is refused, or None
     experts: str | None = None  # MoE: the experts module, relative to the MLP (see `Arch.n_experts`)
     n_experts_key: str | None = None  # MoE: the config key holding the number of experts
+    shared_expert: str | None = None  # MoE: an expert every token uses, relative to the MLP (Qwen2-MoE)
+    shared_expert_gate: str | None = None  # its gate, relative to the MLP: sigmoid(gate(x)) scales it (Qwen2-MoE)
     attention_sinks: bool = False  # learned per-head sink logits: returned probabilities sum to < 1
     writes_in_place: bool = False  # a block adds into a write's output tensor after it is returned (Falcon)
+    # Where readers read (edge attribution patching): the pre-norms, relative to a block (a function of the config
+    # where it depends on it: Falcon); the query and key projections, relative to attention (None: the fused module
+    # `v_proj` names); whether the MLP reads the block's input (a parallel block) rather than the stream after
+    # attention; `pre_norms=False` for families whose sub-layers read the residual stream unnormalised (OLMo-2).
+    attn_norm: str | Callable[[Any], str] | None = None
+    mlp_norm: str | Callable[[Any], str] | None = None
+    q_proj: str | None = None
+    k_proj: str | None = None
+    parallel: bool | Callable[[Any], bool] = False
+    pre_norms: bool = True
+    mlp_in: str | None = None  # the module whose input is what the MLP reads, where not `mlp` (OPT: fc1)
+    block_tuple: bool = False  # a decoder block returns (hidden states, ...), not a tensor (Falcon)
 
     @property
     def embeddings(self) -> tuple[str, ...]:
         """Aliases of the modules whose outputs start the residual stream."""
         return ("embed", "pos_embed") if self.pos_embed else ("embed",)
 
-    def rename(self) -> dict[str, str | list[str]]:
-        """The ``rename=`` dict for ``nnsight.TransformersModel``."""
+    def rename(self, config=None) -> dict[str, str | list[str]]:
+        """The ``rename=`` dict for ``nnsight.TransformersModel`` (``config`` resolves the paths that depend on it)."""
         aliases: dict[str, str | list[str]] = {
             self.embed: "embed",
             self.layers: "layers",
@@ -96,11 +110,31 @@ class ArchSpec:
             aliases[self.mlp] = mlp_aliases
         if self.experts and self.experts != "experts":
             aliases[f"{self.mlp}.{self.experts}"] = f"{self.mlp}.experts"
+        for native, alias in ((self.shared_expert, "shared_expert"), (self.shared_expert_gate, "shared_expert_gate")):
+            if native and native != alias:
+                aliases[f"{self.mlp}.{native}"] = f"{self.mlp}.{alias}"
         # A dotted alias binds on the envoy its prefix names (the native attention module).
-        for native, alias in ((self.o_proj, "o_proj"), (self.v_proj, "v_proj")):
-            if native != alias:
-                aliases[f"{self.attn}.{native}"] = f"{self.attn}.{alias}"
+        fused = self.v_proj if self.value_layout != "separate" else None  # one module computes q, k and v
+        for native, alias in ((self.o_proj, "o_proj"), (self.v_proj, "v_proj"), (self.q_proj or fused, "q_proj"),
+                              (self.k_proj or fused, "k_proj")):
+            if native and native != alias:
+                _add(aliases, f"{self.attn}.{native}", f"{self.attn}.{alias}")
+        _add(aliases, self.mlp_in or self.mlp, "mlp_in")
+        for native, alias in ((self.attn_norm, "attn_norm"), (self.mlp_norm, "mlp_norm")):
+            native = native(config) if callable(native) and config is not None else native
+            if isinstance(native, str) and native != alias:
+                _add(aliases, native, alias)
         return aliases
+
+    def is_parallel(self, config) -> bool:
+        """Whether the MLP reads the block's input (not the stream after attention) in this configuration."""
+        return bool(self.parallel(config) if callable(self.parallel) else self.parallel)
+
+
+def _add(aliases: dict[str, str | list[str]], native: str, alias: str) -> None:
+    """One more alias of a native path (a path may have several: GPT-2's ``c_attn`` is q, k and v)."""
+    have = aliases.get(native)
+    aliases[native] = alias if have is None else [*([have] if isinstance(have, str) else have), alias]
 
 
 _LLAMA_LIKE = dict(
@@ -113,6 +147,10 @@ _LLAMA_LIKE = dict(
     ln_f="model.norm",
     norm="rmsnorm",
     eps_key="rms_norm_eps",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+    q_proj="q_proj",
+    k_proj="k_proj",
 )
 
 SPECS: tuple[ArchSpec, ...] = (
@@ -131,6 +169,8 @@ SPECS: tuple[ArchSpec, ...] = (
         eps_key="layer_norm_epsilon",
         o_proj_conv1d=True,
         value_layout="gpt2_fused",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
     ),
     ArchSpec(
         family="GPT-NeoX (Pythia)",
@@ -145,6 +185,9 @@ SPECS: tuple[ArchSpec, ...] = (
         norm="layernorm",
         eps_key="layer_norm_eps",
         value_layout="neox_fused",
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+        parallel=lambda config: config.use_parallel_residual,
     ),
     ArchSpec(family="Llama", model_types=("llama",), **_LLAMA_LIKE),
     ArchSpec(family="Mistral", model_types=("mistral",), **_LLAMA_LIKE),
@@ -157,20 +200,24 @@ SPECS: tuple[ArchSpec, ...] = (
         mlp_out="post_feedforward_layernorm",
         norm_weight_offset=1.0,
         head_exact=False,
-        **_LLAMA_LIKE,
+        **{**_LLAMA_LIKE, "mlp_norm": "pre_feedforward_layernorm"},
     ),
     ArchSpec(family="Qwen3", model_types=("qwen3",), **_LLAMA_LIKE),  # QK-norm: inside attention, DLA unaffected
     ArchSpec(family="Qwen3-MoE", model_types=("qwen3_moe",), experts="experts", n_experts_key="num_experts",
              **_LLAMA_LIKE),
     ArchSpec(family="Mixtral", model_types=("mixtral",), experts="experts", n_experts_key="num_local_experts",
              **_LLAMA_LIKE),
+    ArchSpec(family="Qwen2-MoE", model_types=("qwen2_moe",), experts="experts", n_experts_key="num_experts",
+             shared_expert="shared_expert", shared_expert_gate="shared_expert_gate",
+             **_LLAMA_LIKE),  # routed experts plus a sigmoid-gated shared expert
     ArchSpec(  # norms after each sub-layer, before the residual add; no pre-norms
         family="OLMo-2",
         model_types=("olmo2",),
         attn_out="post_attention_layernorm",
         mlp_out="post_feedforward_layernorm",
         head_exact=False,
-        **_LLAMA_LIKE,
+        pre_norms=False,
+        **{**_LLAMA_LIKE, "attn_norm": None, "mlp_norm": None},
     ),
     ArchSpec(
         family="OLMo-3",
@@ -178,7 +225,8 @@ SPECS: tuple[ArchSpec, ...] = (
         attn_out="post_attention_layernorm",
         mlp_out="post_feedforward_layernorm",
         head_exact=False,
-        **_LLAMA_LIKE,
+        pre_norms=False,
+        **{**_LLAMA_LIKE, "attn_norm": None, "mlp_norm": None},
     ),
     ArchSpec(
         family="Gemma-3",
@@ -187,7 +235,7 @@ SPECS: tuple[ArchSpec, ...] = (
         mlp_out="post_feedforward_layernorm",
         norm_weight_offset=1.0,
         head_exact=False,
-        **_LLAMA_LIKE,
+        **{**_LLAMA_LIKE, "mlp_norm": "pre_feedforward_layernorm"},
     ),
     ArchSpec(family="GPT-OSS", model_types=("gpt_oss",), experts="experts", n_experts_key="num_local_experts",
              attention_sinks=True, **_LLAMA_LIKE),
@@ -202,20 +250,38 @@ def _falcon_kv_heads(config) -> int:
     return 1 if config.multi_query else config.num_attention_heads
 
 
-def _opt_unsupported(config) -> str | None:
-    """Why nnattr refuses OPT: every configuration (the MLP write), and the post-norm / projected ones besides."""
-    reasons = ["its decoder layer flattens the residual stream to [batch * pos, d_model] around fc1/fc2, so no "
-               "module outputs the MLP's write as [batch, pos, d_model] (fc2's output is [batch * pos, d_model]); "
-               "nnattr reads every write as a module output, and DLA, patching and token circulation need that shape"]
-    reasons.append(_opt_layout(config))
-    return "; and ".join(r for r in reasons if r) + ". Use GPT-2 or Pythia (GPT-NeoX) for a LayerNorm model instead"
+def _falcon_norms(config) -> tuple[str, str]:
+    """The norms Falcon's attention and MLP read through: two (``ln_attn``, ``ln_mlp``), one shared, or sequential."""
+    if config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2:
+        return "ln_attn", "ln_mlp"
+    if config.parallel_attn or config.new_decoder_architecture:
+        return "input_layernorm", "input_layernorm"
+    return "input_layernorm", "post_attention_layernorm"
+
+
+def _falcon_unsupported(config) -> str | None:
+    """Falcon-RW (``alibi=True``) under eager attention, which does not compute the model (the reason below)."""
+    if getattr(config, "alibi", False) and getattr(config, "_attn_implementation", None) == "eager":
+        return ("alibi=True (Falcon-RW) with eager attention: transformers' FalconModel folds ALiBi into the "
+                "attention mask and FalconAttention's eager path adds ALiBi to the scores again, so an eager "
+                "Falcon-RW attends with twice the ALiBi bias of its sdpa path and of the original Falcon-RW code "
+                "(nnattr would attribute that other model exactly). Build it with attn_implementation='sdpa' "
+                "(nnattr.load(..., attn_implementation='sdpa'), from_pretrained or from_config; Falcon cannot switch "
+                "at run time): DLA by component and by head, the lenses and patching are exact there; methods that "
+                "need attention probabilities (rollout, flow, DLA by head and position) refuse")
+    return None
 
 
 def _opt_layout(config) -> str | None:
-    """OPT configurations whose residual stream is not a sum of writes read through one final norm."""
+    """OPT configurations whose residual stream is not a sum of writes read through one final norm.
+
+    The released OPT-125m and OPT-1.3b ... OPT-66b pass; OPT-350m is refused (post-norm, and its
+    embeddings are projected).
+    """
     if not config.do_layer_norm_before:
         return ("do_layer_norm_before=False (post-norm, OPT-350m): each sub-layer's sum passes a LayerNorm, so the "
-                "residual stream is not a sum of writes and DLA, patching and the lens would not be exact")
+                "residual stream is not a sum of writes and DLA, patching and the lens would not be exact. Use "
+                "OPT-125m or OPT-1.3b and larger (pre-norm)")
     if getattr(config, "_remove_final_layer_norm", False):
         return "_remove_final_layer_norm=True: there is no final norm for DLA and the lens to read through"
     if config.word_embed_proj_dim != config.hidden_size:
@@ -237,6 +303,11 @@ SPECS += (  # issue 14, group B: parallel blocks (GPT-J, Falcon), OPT, Phi-3
         ln_f="transformer.ln_f",
         norm="layernorm",
         eps_key="layer_norm_epsilon",
+        attn_norm="ln_1",
+        mlp_norm="ln_1",  # one norm for both
+        q_proj="q_proj",
+        k_proj="k_proj",
+        parallel=True,
     ),
     ArchSpec(  # fused query_key_value, per kv group [queries | k | v]; parallel (or sequential) block
         family="Falcon",
@@ -252,10 +323,15 @@ SPECS += (  # issue 14, group B: parallel blocks (GPT-J, Falcon), OPT, Phi-3
         eps_key="layer_norm_epsilon",
         value_layout="grouped_qkv",
         kv_heads=_falcon_kv_heads,
+        unsupported=_falcon_unsupported,  # Falcon-RW (ALiBi) only with sdpa attention
         writes_in_place=True,  # mlp_output += attention_output: a kept MLP write must be a copy
+        block_tuple=True,  # FalconDecoderLayer returns (output, attention weights)
+        attn_norm=lambda config: _falcon_norms(config)[0],
+        mlp_norm=lambda config: _falcon_norms(config)[1],
+        parallel=lambda config: config.parallel_attn or config.new_decoder_architecture,
     ),
-    ArchSpec(  # no MLP module: fc1 -> act -> fc2 in the layer, fc2's output is the MLP's write
-        family="OPT",
+    ArchSpec(  # no MLP module: fc1 -> act -> fc2 in the layer on the stream flattened to [batch * pos, d_model];
+        family="OPT",  # fc2's output is the MLP's write, which `kernels.first(output, rows)` unflattens
         model_types=("opt",),
         embed="model.decoder.embed_tokens",
         pos_embed="model.decoder.embed_positions",
@@ -268,10 +344,15 @@ SPECS += (  # issue 14, group B: parallel blocks (GPT-J, Falcon), OPT, Phi-3
         norm="layernorm",
         eps_key="layer_norm_eps",
         eps=1e-5,
-        unsupported=_opt_unsupported,
+        unsupported=_opt_layout,
+        attn_norm="self_attn_layer_norm",
+        mlp_norm="final_layer_norm",
+        q_proj="q_proj",
+        k_proj="k_proj",
+        mlp_in="fc1",
     ),
     ArchSpec(family="Phi-3", model_types=("phi3",), value_layout="qkv_blocks",
-             **{**_LLAMA_LIKE, "v_proj": "qkv_proj"}),  # fused [q | k | v] (GQA) and gate_up_proj
+             **{**_LLAMA_LIKE, "v_proj": "qkv_proj", "q_proj": None, "k_proj": None}),  # fused [q | k | v], gate_up
 )
 
 _BY_TYPE = {t: spec for spec in SPECS for t in spec.model_types}  # `register` adds to it: the one lookup
@@ -297,8 +378,8 @@ def register(spec: ArchSpec, *, replace: bool = False) -> ArchSpec:
 
 
 def supported() -> list[str]:
-    """The ``model_type`` values nnattr supports (not those whose every configuration it refuses: OPT)."""
-    return sorted(t for t, spec in _BY_TYPE.items() if spec.unsupported is not _opt_unsupported)
+    """The ``model_type`` values nnattr supports (some refuse particular configurations, with the reason)."""
+    return sorted(_BY_TYPE)
 
 
 def spec_for(model_or_config) -> ArchSpec:
@@ -321,8 +402,7 @@ def spec_for(model_or_config) -> ArchSpec:
     spec = given if isinstance(given, ArchSpec) else _BY_TYPE[model_type]
     reason = spec.unsupported(config) if spec.unsupported else None
     if reason:
-        what = spec.family if spec.unsupported is _opt_unsupported else f"this {spec.family} configuration"
-        raise ValueError(f"nnattr does not support {what}: {reason}")
+        raise ValueError(f"nnattr does not support this {spec.family} configuration: {reason}")
     return spec
 
 
@@ -380,8 +460,20 @@ class Arch(Dims):
     head_exact: bool
     attention: str | None
     n_experts: int = 0  # experts per MoE MLP (`layers[i].mlp.experts`); 0 for a dense MLP
+    shared_expert: bool = False  # `layers[i].mlp.shared_expert` writes too (its input: the experts')
+    shared_expert_gate: bool = False  # sigmoid(`layers[i].mlp.shared_expert_gate`) scales the shared expert
     attention_sinks: bool = False  # probabilities over real keys sum to < 1 (the sink takes the rest)
     writes_in_place: bool = False  # a write's tensor changes after the module returns it: keep copies
+    parallel: bool = False  # the MLP reads the block's input, not the stream after attention
+    pre_norms: bool = True  # attention and MLP read the stream through `attn_norm` / `mlp_norm` (not OLMo-2)
+    readers_missing: str | None = None  # what the spec lacks for edge attribution (None: nothing)
+    block_tuple: bool = False  # a decoder block returns (hidden states, ...): skipping one must return that too
+
+    def require_readers(self, method: str) -> None:
+        """Refuse an edge-level method where the spec does not say where each reader reads."""
+        if self.readers_missing:
+            raise ValueError(f"{method} needs to know where {self.family}'s readers read: {self.readers_missing}. "
+                             f"Add it to the ArchSpec (see docs/architectures.md)")
 
     @property
     def sink_meta(self) -> dict[str, str]:
@@ -405,6 +497,29 @@ class Arch(Dims):
                 f"by='component'); see docs/architectures.md."
             )
 
+    def pick(self, given, what: Literal["layers", "heads"] = "layers") -> list[int]:
+        """Indices in ``[0, n)``, in model order, of the layers (or heads) ``given`` names: None for
+        all, negative from the end (-1 the last). An empty list, a repeat or an index out of range
+        is refused, naming the valid range."""
+        n, one = (self.n_layers, "layer") if what == "layers" else (self.n_heads, "head")
+        if given is None:
+            return list(range(n))
+        items = None if isinstance(given, (str, bytes)) or not hasattr(given, "__iter__") else list(given)
+        if items is None or any(isinstance(i, bool) or not hasattr(i, "__index__") for i in items):
+            raise ValueError(f"{what}={given!r}: give a list of {one} indices, e.g. {what}=[0, -1]")
+        given = [i.__index__() for i in items]
+        if not given:
+            raise ValueError(f"{what}=[]: give at least one {one} index, or {what}=None for all {n}")
+        if any(not -n <= i < n for i in given):
+            raise ValueError(f"{what}={given}: {[i for i in given if not -n <= i < n]} out of range; the model has "
+                             f"{n} {what}, indexed {-n} to {n - 1} (-1 the last)")
+        picked = [i % n for i in given]
+        if len(set(picked)) < len(picked):
+            repeated = sorted({i for i in picked if picked.count(i) > 1})
+            raise ValueError(f"{what}={given}: {one} {', '.join(map(str, repeated))} named more than once "
+                             f"(negative indices count back from {n}); give each once")
+        return sorted(picked)
+
     def require_probabilities(self, method: str) -> None:
         """Refuse to compute from attention probabilities a model does not return (sdpa)."""
         if self.attention != "eager":
@@ -425,4 +540,15 @@ def arch_of(model) -> Arch:
         head_exact=spec.head_exact, attention=getattr(config, "_attn_implementation", None),
         n_experts=int(getattr(config, spec.n_experts_key)) if spec.n_experts_key else 0,
         attention_sinks=spec.attention_sinks, writes_in_place=spec.writes_in_place,
+        shared_expert=bool(spec.shared_expert), shared_expert_gate=bool(spec.shared_expert_gate),
+        parallel=spec.is_parallel(config), pre_norms=spec.pre_norms, readers_missing=_readers_missing(spec),
+        block_tuple=spec.block_tuple,
     )
+
+
+def _readers_missing(spec: ArchSpec) -> str | None:
+    """What a spec lacks for edge attribution: the pre-norms, or the query and key projections."""
+    missing = [name for name in ("attn_norm", "mlp_norm") if spec.pre_norms and getattr(spec, name) is None]
+    if spec.value_layout == "separate":
+        missing += [name for name in ("q_proj", "k_proj") if getattr(spec, name) is None]
+    return f"the spec names no {' or '.join(missing)}" if missing else None

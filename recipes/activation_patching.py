@@ -7,11 +7,10 @@ Meng et al. 2022, Wang et al. 2022). Node types and result dimensions: see `nnat
 Give ``candidates`` (an attribution-patching result) to patch only the ``k`` entries of each node
 type it ranks highest (by the magnitude of the mean score over pairs); the rest are NaN.
 
-Batched and restarted at each node's layer: a first pass caches the clean activations and the
-residual stream; each later forward patches up to ``rows`` corrupted prompts, sorted by layer,
-skipping the layers before its lowest one ``l`` (they return the cached residual), so a node at
-layer ``l`` of ``L`` costs about ``(L - l) / L`` of a forward. One session per chunk of pairs:
-one request. Wire: a metric per row.
+Batched and restarted at each node's layer: a first pass caches the clean activations and the residual
+stream; each later forward patches up to ``rows`` corrupted prompts, sorted by layer, skipping the layers
+before its lowest one ``l`` (they return the cached residual), so a node at layer ``l`` of ``L`` costs
+about ``(L - l) / L`` of a forward. One session per chunk of pairs: one request. Wire: a metric per row.
 
     python recipes/activation_patching.py --clean "..." --corrupted "..." --answer " Mary" --distractor " John"
 """
@@ -37,6 +36,7 @@ def trace(model, p: Pairs, *, forwards: list, remote=False, backend=None) -> lis
     n, sites, metric, both = len(p), p.sites(), p.metric, p.inputs()  # both: rows clean (n), corrupted (n)
     plans, answer, other = [p.plan(jobs) for jobs in forwards], p.clean.answer("target"), p.clean.answer("distractor")
     last = {} if metric else {"logits_to_keep": 1}  # the default metric reads the last position only
+    block_tuple = p.arch.block_tuple  # Falcon's blocks return (hidden, weights): a skipped one must too
     with model.session(remote=remote, backend=backend):
         value = lambda logits, i: metric(logits).float() if metric else logit_diff(  # noqa: E731 [rows of pairs i]
             logits, answer[i], None if other is None else other[i])
@@ -49,12 +49,12 @@ def trace(model, p: Pairs, *, forwards: list, remote=False, backend=None) -> lis
                 if "attn" in sites:
                     clean["attn"].append(first(layer.attn_out.output)[:n].clone())  # copies: Falcon adds in place
                 if "mlp" in sites:
-                    clean["mlp"].append(first(layer.mlp_out.output)[:n].clone())
+                    clean["mlp"].append(first(layer.mlp_out.output, 2 * n)[:n].clone())  # OPT's: unflattened
             outs = [value(model.output.logits, torch.arange(n).repeat(2)).cpu()]  # [clean (n), corrupted (n)]
         for at, inputs, owners, patches in plans:  # each row: the corrupted prompt of pair owners[row]
             with torch.no_grad(), model.trace(inputs, **last):
                 for i in range(at):  # skipped: each returns the corrupted residual stream entering layer `at`
-                    model.layers[i].skip(resid[at][n + owners])
+                    model.layers[i].skip((resid[at][n + owners], None) if block_tuple else resid[at][n + owners])
                 for i, patch in patches.items():  # the layers with patches, from `at` on
                     layer = model.layers[i]
                     if "resid" in patch:
@@ -67,7 +67,7 @@ def trace(model, p: Pairs, *, forwards: list, remote=False, backend=None) -> lis
                         a = first(layer.attn_out.output)
                         a[patch["attn"][0]] = patched_rows(a, clean["attn"][i], *patch["attn"])
                     if "mlp" in patch:
-                        o = first(layer.mlp_out.output)
+                        o = first(layer.mlp_out.output, len(owners))  # [rows, pos, d_model]; a view on OPT
                         o[patch["mlp"][0]] = patched_rows(o, clean["mlp"][i], *patch["mlp"])
                 outs.append(value(model.output.logits, owners).cpu())
         outs = nnsight.save(outs)

@@ -104,6 +104,8 @@ RECIPES = {
     "dla-all-at": (direct_logit_attribution,
                    dict(target=TARGETS, distractor=DISTRACTORS, by="all", position=[2, -3, 0])),
     "dla-sources-at": (direct_logit_attribution, dict(by="head_position", position=-2)),
+    "dla-head-position-layers": (direct_logit_attribution, dict(by="head_position", layers=[-1])),  # 1 MB rule
+    "heads-layers": (head_attribution, dict(by="head_position", layers=[1], target=TARGETS, position=-2)),
     "heads-at": (head_attribution, dict(by="head_position", target=TARGETS, position=[1, 4, -2])),
     "lens-at": (logit_lens, dict(position=[2, -3, 0], k=3)),
     **{f"heads-{by}": (head_attribution, dict(by=by, target=TARGETS, distractor=DISTRACTORS))
@@ -679,9 +681,10 @@ def test_an_nnattr_object_in_the_trace_is_refused_before_sending(ndif, tmp_path)
     from pathlib import Path
 
     source = (Path(__file__).resolve().parents[1] / "recipes" / "head_attribution.py").read_text()
-    line = "        z = [layer.attn.o_proj.input for layer in model.layers]  # [batch, pos, head * d_head]\n"
+    line = ("        z = [model.layers[i].attn.o_proj.input for i in layers]  # [batch, pos, head * d_head], "
+            "in layer order\n")
     assert line in source
-    edited = source.replace(line, line.replace("model.layers]", "model.layers[: batch.arch.n_layers]]"))
+    edited = source.replace(line, line.replace("in layers]", "in range(batch.arch.n_layers)]"))
     path = tmp_path / "uses_the_batch.py"
     path.write_text(edited)
     import importlib.util
@@ -694,7 +697,7 @@ def test_an_nnattr_object_in_the_trace_is_refused_before_sending(ndif, tmp_path)
     before = len(ndif.requests)
     with pytest.raises(remote.NDIFError) as caught:
         module.run(CLIENTS["gpt2"], PROMPTS, remote=True)
-    number = edited.splitlines().index(line.rstrip("\n").replace("model.layers]", "model.layers[: batch.arch.n_layers]]")) + 1
+    number = edited.splitlines().index(line.rstrip("\n").replace("in layers]", "in range(batch.arch.n_layers)]")) + 1
     message = str(caught.value)
     assert caught.value.kind == "unshippable" and len(ndif.requests) == before
     assert f"uses_the_batch.py, line {number}" in message and "'batch'" in message and "before the `with`" in message

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FILE = ROOT / "docs" / "status.md"
 #: The test modules whose ``arch``-parametrized tests make the table.
 MODULES = ("test_recipes.py", "test_positions.py", "test_token_circulation.py", "test_attention_summary.py",
-           "test_remote.py", "test_families_remote.py", "test_patching.py")
+           "test_remote.py", "test_families_remote.py", "test_patching.py", "test_families_recipes.py")
 COMMAND = "python -m pytest " + " ".join(f"tests/{m}" for m in MODULES)
 
 DLA = {"component": "DLA by component", "head": "DLA by head", "head_position": "DLA by head and position",
@@ -41,6 +41,9 @@ DLA = {"component": "DLA by component", "head": "DLA by head", "head_position": 
 _PARITY = {"dla_component": DLA["component"], "dla_head": DLA["head"], "dla_head_position": DLA["head_position"],
            "logit_lens": "logit lens", "head_attribution": "head attribution",
            "attention_rollout": "attention rollout"}
+TOKEN_ATTENTION = "token attribution, attention path"
+#: A refusal's method (the text `Arch.require_*` was given) -> its column, where the two differ.
+REFUSED_AS = {"Token attribution through attention": TOKEN_ATTENTION}
 #: Test function -> the recipe column(s) it checks (a callable reads the test's parameters).
 COLUMNS = {
     "test_dla_components_sum_to_the_logit": [DLA["component"]],
@@ -57,6 +60,14 @@ COLUMNS = {
     "test_dla_and_logit_lens_on_ndif_equal_local": ["remote == local"],
     "test_every_field_matches_hugging_face_attentions": ["attention summary"],
     "test_parity_with_plain_torch_hooks": ["attribution patching"],  # AtP and EAP-IG
+    # test_families_recipes.py: the newer recipes against hooks / plain autograd on every family
+    "test_attention_views_equal_the_hooks_reference": ["attention views"],
+    "test_token_attribution_equals_plain_autograd": ["token attribution"],  # IG and gradient x input
+    "test_token_attribution_through_attention_is_dla_by_head_and_source": [TOKEN_ATTENTION],
+    "test_activation_patching_equals_patching_by_hooks": ["activation patching"],
+    "test_expert_attribution_equals_the_hooks_reference": ["expert attribution"],
+    "test_feature_attribution_equals_the_hooks_reference": ["feature attribution"],
+    "test_feature_patching_equals_plain_autograd": ["feature patching"],
 }
 OTHER = "other family checks"
 _RANK = {"FAILED": 4, "skipped": 3, "refused": 2, "approximate": 1, "exact": 0}
@@ -154,15 +165,15 @@ class StatusPlugin:
                 family = families[arch][0]
                 columns = COLUMNS.get(test, [OTHER])
                 for column in (columns(params) if callable(columns) else columns):
-                    cells.setdefault((family, column), Cell()).add(outcome, "; ".join(bounds) or
-                                                                   (nodeid if outcome == "FAILED" else None))
+                    cells.setdefault((family, column), Cell()).add(outcome, "; ".join(bounds) or (
+                        nodeid if outcome == "FAILED" else _why(reports) if outcome == "skipped" else None))
                 counted[family] = counted.get(family, 0) + 1
                 if outcome in ("FAILED", "skipped"):
                     failing.setdefault(family, set()).add(nodeid)
             if outcome in ("exact", "approximate"):  # a passing test: the refusals it saw are checked
                 for family, method, reason in self.refusals.get(nodeid, []):  # one note for one reason
                     note = reason.replace(method, "The method", 1).replace(family, "the family")
-                    cells.setdefault((family, method), Cell()).add("refused", note)
+                    cells.setdefault((family, REFUSED_AS.get(method, method)), Cell()).add("refused", note)
         names = sorted({f for f, _ in families.values()})
         columns = sorted({c for _, c in cells}, key=lambda c: (c == OTHER, c.lower()))
         notes: list[str] = []
@@ -204,6 +215,9 @@ class StatusPlugin:
     def pytest_sessionfinish(self, session, exitstatus) -> None:
         if not self.items:
             return
+        unrun = [nodeid for nodeid in self.items if nodeid not in self.reports]
+        if unrun:  # the run stopped early (-x, --maxfail, an interrupt): those cells were never tested
+            self.partial.append(f"{len(unrun)} of its tests did not run (e.g. {unrun[0]})")
         if self.partial or not self.target:
             self.message = ("docs/status.md not written: " + "; ".join(self.partial) if self.target else "")
             if self.partial:
@@ -222,6 +236,16 @@ class StatusPlugin:
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if self.message:
             terminalreporter.write_line(self.message)
+
+
+def _why(reports) -> str | None:
+    """A skipped or expected-to-fail test's reason, for the cell's note."""
+    for r in reports:
+        if getattr(r, "wasxfail", None):
+            return f"expected to fail (a known defect): {r.wasxfail.removeprefix('reason: ')}"
+        if r.skipped and isinstance(r.longrepr, tuple):
+            return f"skipped: {r.longrepr[2].removeprefix('Skipped: ')}"
+    return None
 
 
 def _module(item) -> str:

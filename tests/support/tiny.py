@@ -31,6 +31,9 @@ CONFIGS = {
     "qwen3_moe": lambda: T.Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
                                           num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
                                           **_COMMON),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(num_attention_heads=4, num_key_value_heads=2, num_experts=4,  # + shared
+                                          num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                                          shared_expert_intermediate_size=16, **_COMMON),
     "mixtral": lambda: T.MixtralConfig(num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                        num_experts_per_tok=2, **{**_COMMON, "intermediate_size": 16}),
     "olmo2": lambda: T.Olmo2Config(num_attention_heads=4, num_key_value_heads=2, **_COMMON),
@@ -45,7 +48,7 @@ CONFIGS = {
                                       rope_parameters={"rope_type": "default", "rope_theta": 150000.0},  # no YaRN
                                       **{**_COMMON, "intermediate_size": 16}),
     # famB (issue 14): parallel blocks (GPT-J; Falcon-7B's multi-query layout and the new decoder architecture's
-    # grouped kv), Phi-3 (fused qkv and gate_up). OPT is refused (nnattr/arch.py: its MLP write is flattened).
+    # grouped kv), Phi-3 (fused qkv and gate_up).
     "gptj": lambda: T.GPTJConfig(n_layer=2, n_head=4, n_embd=32, rotary_dim=4, n_inner=64, vocab_size=VOCAB,
                                  n_positions=64, pad_token_id=0, bos_token_id=2, eos_token_id=2),
     "falcon": lambda: T.FalconConfig(num_attention_heads=4, multi_query=True, parallel_attn=True,
@@ -55,6 +58,10 @@ CONFIGS = {
                                          bias=True, ffn_hidden_size=64,
                                          **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}),
     "phi3": lambda: T.Phi3Config(num_attention_heads=4, num_key_value_heads=2, **_COMMON),
+    # OPT (pre-norm: 125m, 1.3b and up): its MLP runs on the stream flattened to [batch * pos, d_model].
+    "opt": lambda: T.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64,
+                               word_embed_proj_dim=32, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
+                               bos_token_id=2, eos_token_id=2),
 }
 ARCHS = list(CONFIGS)
 
