@@ -51,6 +51,7 @@ def check(model, spec: ArchSpec, *, tolerance: float | None = None) -> None:
         return  # no weights here (yet): the forward checks cannot run
     tol = tolerance if tolerance is not None else TOLERANCE.get(parameter.dtype, 1e-2)
     _check_forward(model, spec, tol)
+    _check_heads(model, spec, tol)
 
 
 def check_paths(hf, spec: ArchSpec) -> None:
@@ -172,6 +173,74 @@ def _check_forward(model, spec: ArchSpec, tol: float) -> None:
         raise SpecError(f"{where}: DLA's components miss the model's logit {logit:+.5g} by {error:.2g} (relative) "
                         f"although the residual and the final norm check out: the unembedding (alias 'lm_head') "
                         f"or a logit soft-cap does something the spec does not describe", alias="lm_head")
+
+
+def _check_heads(model, spec: ArchSpec, tol: float) -> None:
+    """The fields a component-level check cannot see, on the same prompt: the heads' writes sum to the
+    attention write (``head_exact``, ``o_proj_conv1d``); each head's output is its attention row times the
+    values ``value_layout`` finds (and the kv heads); rows sum to 1 unless ``attention_sinks``; no write changes
+    after its module returns unless ``writes_in_place``; a mixture of experts leaves no rest (``shared_expert``)."""
+    import nnsight
+
+    from .arch import arch_of
+    from .kernels import expand_kv, first, o_proj_per_head, split_heads, split_values
+
+    a, where = arch_of(model), f"ArchSpec(family={spec.family!r})"
+    layout = dict(layout=a.value_layout, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, d_head=a.d_head)
+    ids = (torch.arange(8) * 7 + 3) % a.d_vocab
+    with torch.no_grad(), model.trace({"input_ids": ids[None], "attention_mask": torch.ones(1, 8, dtype=torch.long)}):
+        seen = []
+        for layer in model.layers:
+            values, z = layer.attn.v_proj.output, layer.attn.o_proj.input
+            pattern = layer.attn.output[1] if a.attention == "eager" else None
+            attn = first(layer.attn_out.output, 1)
+            kept = attn.clone()
+            mlp = first(layer.mlp_out.output, 1)
+            seen.append(dict(values=values, z=z, pattern=pattern, attn=attn, attn_kept=kept, mlp=mlp,
+                             mlp_kept=mlp.clone(), W=layer.attn.o_proj.weight, b=layer.attn.o_proj.bias))
+        seen = nnsight.save(seen)
+    changed = any(_relative(s["attn"], s["attn_kept"]) > tol or _relative(s["mlp"], s["mlp_kept"]) > tol for s in seen)
+    if changed and not spec.writes_in_place:
+        raise SpecError(f"{where}: a block adds into a write's tensor after its module returns it (the value read "
+                        f"then is not the value kept): set writes_in_place=True, so the recipes keep copies",
+                        alias="writes_in_place")
+    for i, s in enumerate(seen):
+        W = o_proj_per_head(s["W"].detach(), n_heads=a.n_heads, conv1d=spec.o_proj_conv1d)  # [head, d_head, d_model]
+        heads = torch.einsum("...he,hed->...d", split_heads(s["z"].double(), n_heads=a.n_heads), W.double())
+        heads = heads + (0 if s["b"] is None else s["b"].double())
+        if spec.head_exact and _relative(heads, s["attn_kept"]) > tol:
+            raise SpecError(f"{where}: layers[{i}]'s heads (the output projection's input times its weight, "
+                            f"o_proj_conv1d={spec.o_proj_conv1d}) do not add up to its attention write (relative "
+                            f"error {_relative(heads, s['attn_kept']):.2g}): check o_proj_conv1d (GPT-2's Conv1D "
+                            f"stores [in, out]), and set head_exact=False if a norm follows attention",
+                            alias="head_exact / o_proj_conv1d")
+        if s["pattern"] is None:
+            continue  # no probabilities (sdpa): the layout and the sinks cannot be checked here
+        v = expand_kv(split_values(s["values"].double(), **layout), n_heads=a.n_heads)  # [1, key, head, d_head]
+        mixed = torch.einsum("bhqk,bkhd->bqhd", s["pattern"].double(), v)
+        if _relative(mixed, split_heads(s["z"].double(), n_heads=a.n_heads)) > tol:
+            raise SpecError(f"{where}: layers[{i}]'s head outputs are not their attention rows times the values "
+                            f"value_layout={spec.value_layout!r} reads from v_proj={spec.v_proj!r} "
+                            f"({a.n_kv_heads} kv heads): pick the layout the module's forward uses",
+                            alias="value_layout")
+        short = float((1 - s["pattern"].double().sum(-1)).abs().max())
+        if (short > tol) != spec.attention_sinks:
+            raise SpecError(f"{where}: attention rows sum to 1 - {short:.2g}: set attention_sinks="
+                            f"{short > tol} (a learned sink takes part of each row)", alias="attention_sinks")
+    if spec.experts:
+        import warnings
+
+        from nnattr.recipes import expert_attribution
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = expert_attribution.run(model, ids)
+        rest = [j for j, label in enumerate(result.labels[result.dims[1]]) if label.endswith("_mlp_rest")]
+        left = float(result.values[0, rest].abs().max()) / max(1.0, abs(result.per_prompt["logit"][0]))
+        if left > tol:
+            raise SpecError(f"{where}: the experts leave {left:.2g} of the logit (relative) in each MLP's rest: "
+                            f"the MLP writes more than its routed experts (a shared expert? name it and its gate: "
+                            f"shared_expert=, shared_expert_gate=)", alias="shared_expert")
 
 
 def _norm(x: torch.Tensor, module, kind: str, eps: float, offset: float) -> torch.Tensor:

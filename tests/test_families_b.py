@@ -163,7 +163,8 @@ def test_falcon_built_with_sdpa_says_it_cannot_switch_and_rollout_refuses():
     with pytest.warns(UserWarning, match="cannot switch its attention implementation at run time") as said:
         model = nnattr.load(hf, tiny.tokenizer())
     assert not [w for w in said if "switched the model" in str(w.message)]  # one message, not two contradicting
-    with pytest.raises(ValueError, match="needs attention probabilities"):
+    with pytest.raises(ValueError, match="needs attention probabilities.*Falcon cannot switch at run time: build it "
+                                         "eager"):
         attention_rollout.run(model, PROMPTS)
     result = dla.run(model, PROMPTS, TARGETS, DISTRACTORS)  # sdpa: the components still sum to the model's logit
     for i, p in enumerate(PROMPTS):  # (not the reference's read_out: output_attentions on an sdpa Falcon is not sdpa)
