@@ -80,6 +80,19 @@ class ArchSpec:
     mlp_in: str | None = None  # the module whose input is what the MLP reads, where not `mlp` (OPT: fc1)
     block_tuple: bool = False  # a decoder block returns (hidden states, ...), not a tensor (Falcon)
 
+    def __post_init__(self) -> None:
+        """Refuse values no family has, naming the field and what it takes (before any path is looked up)."""
+        if isinstance(self.model_types, str) or not all(isinstance(t, str) for t in self.model_types):
+            raise ValueError(f"ArchSpec(family={self.family!r}): model_types={self.model_types!r} must be a tuple of "
+                             f"config.model_type strings, e.g. ({self.model_types!r},)"
+                             if isinstance(self.model_types, str) else
+                             f"ArchSpec(family={self.family!r}): model_types must be a tuple of strings")
+        for field, value, allowed in (("norm", self.norm, NormKind.__args__),
+                                      ("value_layout", self.value_layout, ValueLayout.__args__)):
+            if value not in allowed:
+                raise ValueError(f"ArchSpec(family={self.family!r}): {field}={value!r}; expected one of "
+                                 f"{', '.join(map(repr, allowed))} (docs/architectures.md says which is which)")
+
     @property
     def embeddings(self) -> tuple[str, ...]:
         """Aliases of the modules whose outputs start the residual stream."""
@@ -358,6 +371,10 @@ SPECS += (  # issue 14, group B: parallel blocks (GPT-J, Falcon), OPT, Phi-3
 _BY_TYPE = {t: spec for spec in SPECS for t in spec.model_types}  # `register` adds to it: the one lookup
 
 
+#: Multimodal wrappers whose text model is a supported family.
+_TEXT_MODELS = {"gemma3": "Gemma3ForCausalLM, model_type 'gemma3_text'"}
+
+
 def register(spec: ArchSpec, *, replace: bool = False) -> ArchSpec:
     """Make ``spec`` the spec of its ``model_types`` in this process, without editing nnattr.
 
@@ -393,8 +410,10 @@ def spec_for(model_or_config) -> ArchSpec:
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if not isinstance(given, ArchSpec) and model_type not in _BY_TYPE:
+        hint = _TEXT_MODELS.get(model_type)
         raise ValueError(
-            f"nnattr does not support model_type={model_type!r}. Supported: "
+            f"nnattr does not support model_type={model_type!r}"
+            + (f": a multimodal wrapper; load its language model ({hint}) instead" if hint else "") + ". Supported: "
             f"{', '.join(supported())}. Describe it from Python without editing nnattr: "
             f"nnattr.load(model, spec=nnattr.ArchSpec(...)) or nnattr.register(nnattr.ArchSpec(...)) "
             f"(checked on the model when it is loaded); see the walkthrough in docs/architectures.md."
@@ -476,6 +495,16 @@ class Arch(Dims):
                              f"Add it to the ArchSpec (see docs/architectures.md)")
 
     @property
+    def qkv_shape(self) -> dict:
+        """The keyword arguments of `nnattr.kernels.split_qkv` (and `reader_gradients`) for this model."""
+        return dict(layout=self.value_layout, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, d_head=self.d_head)
+
+    @property
+    def norm_shape(self) -> dict:
+        """The keyword arguments of `nnattr.kernels.norm_vjp` for this model's norms."""
+        return dict(norm=self.norm, eps=self.eps, weight_offset=self.norm_weight_offset)
+
+    @property
     def sink_meta(self) -> dict[str, str]:
         """What a result computed from attention probabilities says about learned sinks ({} without)."""
         return {"attention_sinks": SINKS} if self.attention_sinks else {}
@@ -526,7 +555,10 @@ class Arch(Dims):
             raise ValueError(
                 f"{method} needs attention probabilities, but this model uses {self.attention!r} attention, "
                 f"which does not return them. Load it with nnattr.load(..., attn_implementation='eager') "
-                f"or call model._module.set_attn_implementation('eager') first."
+                f"or call model._module.set_attn_implementation('eager') first"
+                + (f". {self.family} cannot switch at run time: build it eager (from_pretrained or from_config with "
+                   f"attn_implementation='eager'); Falcon-RW (ALiBi) has no exact eager path in transformers, so "
+                   f"its probabilities are not available (docs/architectures.md)." if self.family == "Falcon" else ".")
             )
 
 

@@ -36,6 +36,10 @@ STABLELM = nnattr.ArchSpec(
     ln_f="model.norm",
     norm="layernorm",
     eps_key="layer_norm_eps",
+    q_proj="q_proj",
+    k_proj="k_proj",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
 )
 
 
@@ -166,3 +170,54 @@ def test_a_spec_nnsight_cannot_bind_is_a_spec_error(change):
                            ln_f="model.norm", norm="layernorm", eps_key="layer_norm_eps")
     with pytest.raises(SpecError):
         nnattr.load(hf, tiny.tokenizer(), spec=dataclasses.replace(spec, **change))
+
+
+def test_edge_attribution_on_a_family_added_from_python():
+    """StableLM's edges: every reader reads the writers' changes it should (the edges out of each head and MLP sum to
+    attribution patching's node score of it, computed another way), and a spec without the readers is refused."""
+    from nnattr.recipes import attribution_patching, edge_attribution_patching
+
+    model = nnattr.load(stablelm(), tiny.tokenizer(), spec=STABLELM)
+    clean, corrupted = tiny.prompts(2, lengths=(5,)), tiny.prompts(2, seed=3, lengths=(5,))
+    edges = edge_attribution_patching.run(model, clean, corrupted, ["w7", "w8"], ["w8", "w9"])
+    nodes = attribution_patching.run(model, clean, corrupted, ["w7", "w8"], ["w8", "w9"], nodes=("head", "mlp"))
+    out_of, W = edges.values.nansum(2), edges.labels["writer"]
+    for layer in range(2):
+        heads = [W.index(f"L{layer}H{h}") for h in range(4)]
+        torch.testing.assert_close(out_of[:, heads], nodes["head"].values[:, layer], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out_of[:, W.index(f"L{layer} MLP")], nodes["mlp"].values[:, layer], atol=1e-5,
+                                   rtol=1e-4)
+    bare = dataclasses.replace(STABLELM, q_proj=None, k_proj=None, attn_norm=None, mlp_norm=None)
+    with pytest.raises(ValueError, match="the spec names no attn_norm or mlp_norm or q_proj or k_proj"):
+        edge_attribution_patching.run(nnattr.load(stablelm(), tiny.tokenizer(), spec=bare), clean, corrupted,
+                                      ["w7", "w8"], ["w8", "w9"])
+
+
+@pytest.mark.parametrize("family, change, alias", [
+    ("gpt2", dict(o_proj_conv1d=False), "head_exact / o_proj_conv1d"),  # heads no longer add up to the write
+    ("olmo2", dict(head_exact=True), "head_exact / o_proj_conv1d"),  # a norm follows attention
+    ("falcon_new", dict(value_layout="qkv_blocks"), "value_layout"),
+    ("phi3", dict(value_layout="grouped_qkv"), "value_layout"),
+    ("falcon", dict(writes_in_place=False), "writes_in_place"),  # Falcon adds attention into its MLP's output
+    ("qwen2_moe", dict(shared_expert=None, shared_expert_gate=None), "shared_expert"),
+    ("gpt_oss", dict(attention_sinks=False), "attention_sinks"),
+    ("llama", dict(attention_sinks=True), "attention_sinks"),
+])
+def test_a_wrong_field_that_components_cannot_see_is_caught_on_load(family, change, alias):
+    """The head-level fields: the component checks pass with any of these wrong, the head checks do not."""
+    hf = tiny.hf_model(family)
+    spec = dataclasses.replace(arch.spec_for(hf.config), family="My copy", **change)
+    with pytest.raises(SpecError) as error:
+        nnattr.load(hf, tiny.tokenizer(), spec=spec)
+    assert error.value.alias == alias
+
+
+@pytest.mark.parametrize("change, problem", [
+    (dict(model_types="stablelm"), r"model_types='stablelm' must be a tuple of config.model_type strings, "
+                                   r"e.g. \('stablelm',\)"),
+    (dict(norm="RMSNorm"), r"norm='RMSNorm'; expected one of 'layernorm', 'rmsnorm'"),
+    (dict(value_layout="fused"), r"value_layout='fused'; expected one of 'separate', 'gpt2_fused'"),
+])
+def test_a_value_no_family_has_is_refused_when_the_spec_is_made(change, problem):
+    with pytest.raises(ValueError, match=problem):
+        dataclasses.replace(STABLELM, **change)
