@@ -26,7 +26,8 @@ pytest.importorskip(
 import nnattr  # noqa: E402
 from nnattr import remote  # noqa: E402
 from nnattr.recipes import (  # noqa: E402
-    activation_patching, attention_rollout, direct_logit_attribution, expert_attribution, logit_lens)
+    activation_patching, attention_rollout, attribution_patching, direct_logit_attribution, edge_attribution_patching,
+    expert_attribution, logit_lens)
 from tests.support import fixtures, ndif_loopback, tiny  # noqa: E402
 from tests.test_falcon_rw import falcon_rw  # noqa: E402
 from tests.test_remote import DISTRACTORS, PROMPTS, TARGETS, same  # noqa: E402
@@ -80,13 +81,13 @@ def ndif(_server):
     remote._CHECKED.clear()
 
 
-def one_request(ndif, recipe, model, *args, **kwargs):
+def one_request(ndif, recipe, model, *args, tol=1e-6, **kwargs):
     local = recipe.run(model, *args, **kwargs)
     before = len(ndif.requests)
     result = recipe.run(model, *args, remote=True, **kwargs)
     assert len(ndif.requests) == before + 1 and ndif.last.status == "COMPLETED"
     for key in result if isinstance(result, dict) else [None]:
-        same(result[key] if key else result, local[key] if key else local)
+        same(result[key] if key else result, local[key] if key else local, tol=tol)
     return result
 
 
@@ -123,3 +124,18 @@ def test_falcon_mlp_patching_on_ndif_equals_local(ndif):
     clean, corrupted = tiny.prompts(2, lengths=(5,)), tiny.prompts(2, seed=3, lengths=(5,))
     one_request(ndif, activation_patching, CLIENTS["falcon"], clean, corrupted, TARGETS[:2], DISTRACTORS[:2],
                 nodes=("mlp_pos",))
+
+
+@pytest.mark.filterwarnings("ignore:pairs")
+@pytest.mark.parametrize("arch", ["opt", "falcon", "falcon_new", "gptj", "olmo2", "qwen2_moe"])
+def test_patching_recipes_on_ndif_equal_local(ndif, arch):
+    """The recipes where a family's layout matters most on the server: OPT's flattened MLP write in the gradient
+    recipes, Falcon's in-place add and its tuple blocks (skipped by activation patching), parallel blocks, a norm
+    after attention, a shared expert: attribution patching (IG), activation patching restarted past layer 0, and
+    edge attribution patching, each in one request."""
+    clean, corrupted = tiny.prompts(2, lengths=(5,)), tiny.prompts(2, seed=3, lengths=(5,))
+    pairs = (clean, corrupted, TARGETS[:2], DISTRACTORS[:2])
+    one_request(ndif, attribution_patching, CLIENTS[arch], *pairs, method="ig", steps=2)
+    one_request(ndif, activation_patching, CLIENTS[arch], *pairs, nodes=("resid", "mlp"), rows=3,  # 4 forwards
+                tol=1e-4)  # recovered fractions: a float32 difference over a small gap
+    one_request(ndif, edge_attribution_patching, CLIENTS[arch], *pairs)

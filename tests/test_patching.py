@@ -16,7 +16,7 @@ from torch.testing import assert_close
 
 import nnattr
 from nnattr import kernels as K
-from nnattr.recipes import activation_patching, attribution_patching
+from nnattr.recipes import activation_patching, attribution_patching, edge_attribution_patching
 from nnattr.pairs import NODES
 from nnattr.validation import ApproximationWarning, compare, metric_effect, spearman
 from tests.support import tiny
@@ -493,7 +493,10 @@ if ndif is not None:
     (attribution_patching, dict(nodes=("head", "resid"), method="ig", steps=2)),
     (activation_patching, dict(nodes=("resid", "attn", "head"), batch_size=None)),
     (activation_patching, dict(nodes=("resid", "attn", "head"), rows=8)),  # many forwards, one session
-], ids=["atp", "ig", "exact", "exact-session"])
+    (edge_attribution_patching, dict()),
+    (edge_attribution_patching, dict(method="ig", steps=2)),
+    (edge_attribution_patching, dict(top_k=10)),  # only each pair's largest edges come back
+], ids=["atp", "ig", "exact", "exact-session", "edges", "edges-ig", "edges-top"])
 def test_remote_equals_local_in_one_request(server, recipe, kwargs):
     local = recipe.run(REMOTE_CLIENT, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, **kwargs)
     before = len(server.requests)
@@ -501,9 +504,12 @@ def test_remote_equals_local_in_one_request(server, recipe, kwargs):
     assert len(server.requests) == before + 1 and server.last.status == "COMPLETED"
     assert server.last.request_size < 16_000  # the block and the kernels it calls, as source
     assert server.last.result_size < 20_000  # scores and metrics, never activations
-    for node in local:
-        assert_close(far[node].values, local[node].values, atol=1e-5, rtol=1e-5, equal_nan=True)
-        assert far[node].per_prompt["clean_metric"] == pytest.approx(local[node].per_prompt["clean_metric"], abs=1e-5)
+    if "top_k" in kwargs:
+        assert server.last.result_size < 2_000
+    for node in local if isinstance(local, dict) else [None]:
+        got, want = (far[node], local[node]) if node else (far, local)
+        assert_close(got.values, want.values, atol=1e-5, rtol=1e-5, equal_nan=True)
+        assert got.per_prompt["clean_metric"] == pytest.approx(want.per_prompt["clean_metric"], abs=1e-5)
 
 
 def test_candidates_of_other_lengths_patch_only_positions_these_pairs_have(zoo):

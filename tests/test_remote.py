@@ -560,6 +560,8 @@ COPY_ARGS = {
     "attention_views": dict(args=(PROMPTS,), kwargs=dict(view="norm_based", layers=[0, 1], heads=[2])),
     "attention_summary": dict(args=(PROMPTS,), kwargs=dict(layer_idx="all")),
     "attribution_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS), kwargs=dict(method="ig", steps=2)),
+    "edge_attribution_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS),
+                                      kwargs=dict(method="ig", steps=2)),
     "activation_patching": dict(args=(PROMPTS, CORRUPTED, TARGETS, DISTRACTORS), kwargs=dict(nodes=("attn", "head"), rows=4)),
     "feature_attribution": dict(args=(PROMPTS, TARGETS, DISTRACTORS), kwargs=dict(sae=FEATURE_SAES, top_k=4,
                                                                                   position=-2)),
@@ -594,6 +596,11 @@ EDITS = {
     "attribution_patching": [("base", "clean_acts"), ("            values = value(model.output.logits, max(steps, 1))  # [rows]\n",
                                                       "            values = value(model.output.logits, max(steps, 1))  # [rows]\n"
                                                       "            values_seen = nnsight.save(values.detach())\n")],
+    "edge_attribution_patching": [
+        ("stream", "read_streams"),
+        ("            values = value(model.output.logits, max(steps, 1))  # [rows]\n",
+         "            values = value(model.output.logits, max(steps, 1))  # [rows]\n"
+         "            values_seen = nnsight.save(values.detach())\n")],
     "activation_patching": [("patches", "patches_by_layer"), ("                outs.append(value(model.output.logits, owners).cpu())\n",
                                                    "                outs.append(value(model.output.logits, owners).cpu())\n"
                                                    "                metric_seen = nnsight.save(outs[-1])\n")],

@@ -53,7 +53,8 @@ MODELS = {
 
 def _recipes():
     from nnattr.recipes import (activation_patching, attention_rollout, attention_summary, attention_views,
-                                attribution_patching, direct_logit_attribution, expert_attribution, feature_attribution,
+                                attribution_patching, direct_logit_attribution, edge_attribution_patching,
+                                expert_attribution, feature_attribution,
                                 feature_patching, head_attribution, logit_lens, token_attribution, token_circulation)
 
     dla, views = direct_logit_attribution, attention_views
@@ -81,6 +82,9 @@ def _recipes():
         "attribution_patching atp": (attribution_patching, {}),
         "attribution_patching ig (5 steps)": (attribution_patching, dict(method="ig")),
         "attribution_patching atp nodes=[head_pos]": (attribution_patching, dict(nodes=["head_pos"])),
+        "edge_attribution_patching atp": (edge_attribution_patching, {}),
+        "edge_attribution_patching ig (5 steps)": (edge_attribution_patching, dict(method="ig")),
+        f"edge_attribution_patching atp top_k={EDGES_K}": (edge_attribution_patching, dict(top_k=EDGES_K)),
         "expert_attribution (dense: DLA by component)": (expert_attribution, {}),
         f"feature_attribution ({SAE_WIDTH}x SAE, top_k=20)": (feature_attribution, dict(sae=Built(sae))),
         f"feature_patching ({SAE_WIDTH}x SAE, top_k=20)": (feature_patching, dict(sae=Built(sae))),
@@ -91,8 +95,8 @@ def _recipes():
 #: distractor ids every vocabulary holds. SAE recipes: a ReLU SAE of SAE_WIDTH x d_model features on the middle
 #: layer's resid_pre (between Llama Scope's 8x and 32x SAEs of Llama-3.1-8B), built on the model's device (meta:
 #: no memory). TOP_K: the SAE recipes' default top_k.
-PAIRS = ("activation_patching", "attribution_patching", "feature_patching")
-ANSWER, PATCH_K, SAE_WIDTH, TOP_K = (5, 6), 10, 16, 20
+PAIRS = ("activation_patching", "attribution_patching", "edge_attribution_patching", "feature_patching")
+ANSWER, PATCH_K, SAE_WIDTH, TOP_K, EDGES_K = (5, 6), 10, 16, 20, 1000
 
 
 class Built:
@@ -161,6 +165,11 @@ def refused(case: str, d) -> bool:
     return case in HEAD_LEVEL and not d.head_exact
 
 
+def edges(d) -> int:
+    """Writers x readers: embeddings, heads, MLPs x query heads, kv heads (key, value), MLPs, the logits."""
+    return (len(d.embeddings) + d.n_layers * (d.n_heads + 1)) * (d.n_layers * (d.n_heads + 2 * d.n_kv_heads + 1) + 1)
+
+
 def result_bytes(case: str, d, pos: int = POSITIONS) -> int:
     """Bytes of the tensors the trace saves for one prompt (``d``: `nnattr.arch.Arch` sizes)."""
     L, H, e = d.n_layers, d.n_heads, len(d.embeddings)
@@ -191,6 +200,9 @@ def result_bytes(case: str, d, pos: int = POSITIONS) -> int:
         "attribution_patching atp": F32 * (2 + L * pos + 2 * L + L * H),  # metrics; resid, attn, mlp, head
         "attribution_patching ig (5 steps)": F32 * (2 + L * pos + 2 * L + L * H),
         "attribution_patching atp nodes=[head_pos]": F32 * (2 + L * H * pos),
+        "edge_attribution_patching atp": F32 * (2 + edges(d)),  # metrics; every edge, NaN where none runs
+        "edge_attribution_patching ig (5 steps)": F32 * (2 + edges(d)),
+        f"edge_attribution_patching atp top_k={EDGES_K}": F32 * 2 + min(EDGES_K, edges(d)) * (F32 + 2 * I64),
         "expert_attribution (dense: DLA by component)": dla,  # no experts: no routing weights
         f"feature_attribution ({SAE_WIDTH}x SAE, top_k=20)": answer + TOP_K * (F32 + I64) + F32 * 4,
         f"feature_patching ({SAE_WIDTH}x SAE, top_k=20)": F32 * 2 + TOP_K * (F32 + I64) + F32 * 2,
@@ -218,6 +230,13 @@ HELD = {
                             "corrupted run (2 x L x pos x width, bf16; width: d_model for resid, attn and mlp, "
                             "head x d_head for head); ig: G(steps) and (2 + steps) x L x pos x width (the clean and "
                             "corrupted runs, the gradients of the steps rows)",
+    "edge_attribution_patching": "G(rows) (rows: 1, or steps for ig) + the writers' values on the clean (and, for "
+                                 "ig, corrupted) run and the rows the gradient is taken at (embeddings, each output "
+                                 "projection's input and MLP write: e x d_model + L x (head x d_head + d_model) per "
+                                 "row and position, bf16), the streams the readers read and the MLP inputs' copies "
+                                 "(3 x L x d_model), the projections' gradients (L x (head + 2 kv_head) x d_head), one "
+                                 "reader layer's gradients in the residual stream ((head + 2 kv_head + 1) x d_model, "
+                                 "f32) and the scores (writers x readers, f32)",
     "expert_attribution": "a dense model: as DLA by component",
     "feature_attribution": "the SAE's weights (2 x d_model x d_sae + d_sae + d_model, f32), 3 rows of d_sae "
                            "(f32) and the read logits row (vocab, f32)",
@@ -234,6 +253,11 @@ def held_bytes(case: str, d, graph: int, pos: int = POSITIONS) -> int:
     heads = BF16 * L * H * dh
     values = BF16 * L * (pos * KV * dh + H * pos)
     attention, S = F32 * (1 + H) * pos**2, SAE_WIDTH * D
+    written = e * D + L * (H * dh + D)  # the writers, per row and position
+
+    def eap(rows: int) -> int:  # the graph of `rows` rows, the writers of clean (, corrupted) and path rows, ...
+        kept = BF16 * pos * ((1 + (rows > 1) + rows) * written + rows * (3 * L * D + L * (H + 2 * KV) * dh))
+        return rows * graph + kept + F32 * pos * (H + 2 * KV + 1) * D * rows + F32 * edges(d)
     return {
         "dla by=component": dla, "dla by=layer": dla, "dla by=head": dla + heads, "dla by=all": dla + heads,
         "dla by=head_position": dla + heads + values,
@@ -255,6 +279,8 @@ def held_bytes(case: str, d, graph: int, pos: int = POSITIONS) -> int:
         "attribution_patching atp": graph + 2 * BF16 * L * pos * (3 * D + H * dh),
         "attribution_patching ig (5 steps)": 5 * graph + (2 + 5) * BF16 * L * pos * (3 * D + H * dh),
         "attribution_patching atp nodes=[head_pos]": graph + 2 * BF16 * L * pos * H * dh,
+        "edge_attribution_patching atp": eap(1), "edge_attribution_patching ig (5 steps)": eap(5),
+        f"edge_attribution_patching atp top_k={EDGES_K}": eap(1),
         "expert_attribution (dense: DLA by component)": dla,
         f"feature_attribution ({SAE_WIDTH}x SAE, top_k=20)": sae_bytes(d) + 3 * F32 * S + F32 * V,
         f"feature_patching ({SAE_WIDTH}x SAE, top_k=20)": sae_bytes(d) + graph + 2 * BF16 * pos * D + 5 * F32 * pos * S,
@@ -397,7 +423,6 @@ def reductions(d) -> dict[str, str]:
     """For each case whose result can pass 1 MB at 405B (``d``), what a user can ask for instead."""
     r = lambda case: size(result_bytes(case, d))  # noqa: E731
     lens_k1 = I64 + POSITIONS * (d.n_layers + 1) * (F32 + I64 + (I64 + F32))
-    no_heads = "no `layers=` / `heads=` option yet (the recipe is at its 120-line template limit)"
     per_layer = size(F32 * d.n_heads * POSITIONS)
     return {
         "dla by=head_position": f"`layers=[...]` ({per_layer} per layer kept: those layers' heads by source "
@@ -412,10 +437,15 @@ def reductions(d) -> dict[str, str]:
         "attention_views patterns layers=[-1]": f"`heads=[...]`: {r('attention_views patterns layers=[-1] heads=[0]')}"
                                                 " per head",
         "attribution_patching atp nodes=[head_pos]": f"`nodes=\"head\"` ({size(F32 * (2 + d.n_layers * d.n_heads))}: "
-        "the same heads summed over positions), or `attn_pos` / `mlp_pos` nodes "
-        f"({size(F32 * (2 + d.n_layers * POSITIONS))} each: one value per layer and position); {no_heads}. To "
-        "confirm per-position heads, `activation_patching(nodes=\"head_pos\", candidates=<this result>, k=...)` "
-        "patches the top `k` only (4 bytes per patched row), never the whole grid",
+        "the same heads summed over positions) to find the heads, then "
+        "`activation_patching(nodes=\"head_pos\", candidates=<that result>, k=...)`, which patches each of the top "
+        f"`k` heads at every position (4 bytes per patched row); or `attn_pos` / `mlp_pos` nodes "
+        f"({size(F32 * (2 + d.n_layers * POSITIONS))} each: one value per layer and position)",
+        "edge_attribution_patching atp": f"`top_k=` ({r(f'edge_attribution_patching atp top_k={EDGES_K}')} for "
+        f"{EDGES_K:,} edges: each pair's largest, chosen on the server); the whole grid is "
+        f"{edges(d):,} edges per pair",
+        "edge_attribution_patching ig (5 steps)": f"`top_k=`, as for `atp` "
+                                                  f"({r(f'edge_attribution_patching atp top_k={EDGES_K}')})",
     }
 
 

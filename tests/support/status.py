@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FILE = ROOT / "docs" / "status.md"
 #: The test modules whose ``arch``-parametrized tests make the table.
 MODULES = ("test_recipes.py", "test_positions.py", "test_token_circulation.py", "test_attention_summary.py",
-           "test_remote.py", "test_families_remote.py", "test_patching.py", "test_families_recipes.py")
+           "test_remote.py", "test_families_remote.py", "test_patching.py", "test_families_recipes.py", "test_edges.py")
 COMMAND = "python -m pytest " + " ".join(f"tests/{m}" for m in MODULES)
 
 DLA = {"component": "DLA by component", "head": "DLA by head", "head_position": "DLA by head and position",
@@ -60,6 +60,7 @@ COLUMNS = {
     "test_dla_and_logit_lens_on_ndif_equal_local": ["remote == local"],
     "test_every_field_matches_hugging_face_attentions": ["attention summary"],
     "test_parity_with_plain_torch_hooks": ["attribution patching"],  # AtP and EAP-IG
+    "test_matches_the_slow_reference": ["edge attribution patching"],
     # test_families_recipes.py: the newer recipes against hooks / plain autograd on every family
     "test_attention_views_equal_the_hooks_reference": ["attention views"],
     "test_token_attribution_equals_plain_autograd": ["token attribution"],  # IG and gradient x input
