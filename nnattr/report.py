@@ -109,6 +109,7 @@ def build(model, prompts, *, corrupted=None, target=None, distractor=None, out="
         ("features", "SAE feature attribution", _features, {"corrupted": corrupted}),
         ("patching", "Attribution patching, confirmed by exact patching", _patching,
          {"corrupted": corrupted, "top": top}),
+        ("edges", "Edge attribution patching", _edges, {"corrupted": corrupted}),
     ]
     from tqdm.auto import tqdm
 
@@ -445,6 +446,28 @@ def _features(section, *, model, prompts, corrupted, out, options, **_):
         section.text += (
             " Feature patching estimates, to first order, how much moving each feature from its corrupted value to "
             "its clean one moves the corrupted prompt's metric (Marks et al. 2024).")
+
+
+def _edges(section, *, model, prompts, corrupted, out, options, **_):
+    if corrupted is None:
+        section.status, section.note = "unavailable", "needs a corrupted prompt per prompt (--corrupted)"
+        return
+    from .recipes import edge_attribution_patching as eap
+
+    result = eap.run(model, prompts, corrupted, **options)
+    mean = result.mean() if len(result) > 1 else result[0]  # [writer, reader]
+    _figure(section, out, "edges.png", mean)
+    section.results["edges"] = result.to_dict()
+    section.tables.append((["writer", "reader", f"{result.units}" + (f", mean over {len(result)} pairs"
+                                                                     if len(result) > 1 else "")],
+                           [[w, r, number(v)] for (w, r), v in mean.top(10)]))
+    section.text = (
+        f"Which connections carry <b>{_metric_html(result)}</b>: every edge from a writer (an embedding, a head, an "
+        f"MLP) to a reader downstream (a head's query, a kv head's key or value, an MLP, the logits), estimated "
+        f"as the writer's clean − corrupted change dotted with the gradient of the metric at the reader's own copy "
+        f"of the residual stream (Syed et al. 2023), on the corrupted run. The edges out of a head sum to its "
+        f"attribution-patching score above, and the edges into a reader to attribution patching at that reader's "
+        f"input. Blank cells: no edge (a writer never reaches a reader of its own or an earlier layer).")
 
 
 def _patching(section, *, model, prompts, corrupted, target, distractor, out, options, top, progress=None, **_):

@@ -232,7 +232,7 @@ def _stub_sections(monkeypatch, failing=()):
         return run
 
     for key in ("dla_component", "dla_head", "head_attribution", "logit_lens", "tuned_lens", "token_circulation",
-                "token_attribution", "rollout", "features", "patching"):
+                "token_attribution", "rollout", "features", "patching", "edges"):
         monkeypatch.setattr(report, f"_{key}", stub(key, dict(failing).get(key)))
 
 
@@ -241,18 +241,18 @@ def test_a_failed_section_is_named_in_the_last_line_and_exits_1(monkeypatch, tin
     assert main(["report", "--model", tiny_folder, *PAIR, "--out", str(tmp_path / "r")]) == 1
     out, err = capsys.readouterr()
     last = out.strip().splitlines()[-1]
-    assert last.endswith("but 2 of 10 sections failed: dla_head, rollout"), last
+    assert last.endswith("but 2 of 11 sections failed: dla_head, rollout"), last
     assert "Attention rollout: failed (ValueError: no)" in err
     _stub_sections(monkeypatch)
     assert main(["report", "--model", tiny_folder, *PAIR, "--out", str(tmp_path / "r")]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("index.html (10 sections)")
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("index.html (11 sections)")
 
     def unavailable(section, **_):
         section.status, section.note = "unavailable", "needs a corrupted prompt per prompt (--corrupted)"
 
     monkeypatch.setattr(report, "_patching", unavailable)
     assert main(["report", "--model", tiny_folder, *PAIR, "--out", str(tmp_path / "r")]) == 0, "not a failure"
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("(10 sections; unavailable: patching)")
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("(11 sections; unavailable: patching)")
 
 
 class KernelStream(io.StringIO):
