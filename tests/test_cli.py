@@ -142,7 +142,7 @@ def test_report_on_a_model_folder(tiny_folder, tmp_path, capsys):
     data = _check_report(tmp_path / "r")
     assert {k: s["status"] for k, s in data["sections"].items()} == {
         **dict.fromkeys(["dla_component", "dla_head", "head_attribution", "logit_lens", "token_circulation",
-                         "token_attribution", "rollout", "patching"], "ok"),
+                         "token_attribution", "rollout", "patching", "edges"], "ok"),
         "tuned_lens": "unavailable", "features": "unavailable"}  # none ships for this model
     assert "no SAE ships for this model" in data["sections"]["features"]["note"]
     assert data["sections"]["patching"]["validation"]["head"]["n"] > 0

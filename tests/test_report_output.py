@@ -277,5 +277,5 @@ def test_progress_in_a_notebook_and_quiet_under_pytest(monkeypatch, tiny_folder,
     report.build(model, ["w1 w2"], out=tmp_path / "notebook")
     list(runner.chunks(lambda start, chunk, backend: chunk, list(range(3)), batch_size=1, desc="Trace"))
     shown = stream.getvalue()
-    assert "[1/10] Direct logit attribution by component" in shown and "[10/10] Attribution patching" in shown
+    assert "[1/11] Direct logit attribution by component" in shown and "[10/11] Attribution patching" in shown
     assert "Trace" in shown and "prompt" in shown
