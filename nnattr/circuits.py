@@ -10,6 +10,8 @@ when the block is sequential. Results are ``[prompt, writer, reader]``, NaN wher
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .arch import Arch
@@ -56,3 +58,157 @@ def edge_result(p: Pairs, out: dict, *, method: str, steps: int, top_k: int | No
     return Attribution(scores, ("prompt", "writer", "reader"), labels, method="edge_attribution_patching", by="edge",
                        units=units, title=title, meta=meta, per_prompt=per_prompt, tokens=p.corrupted.tokens,
                        metric=p.clean.metric() if p.metric is None else "custom metric")
+
+
+# ----------------------------------------------------------------------------------------------- circuits
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """A set of edges ``(writer, reader)``, named as `writers` and `readers` name them; ``total``: the
+    edges the model has, so ``len(circuit) / circuit.total`` is its share."""
+
+    edges: frozenset
+    total: int
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+    @property
+    def nodes(self) -> set[str]:
+        """The writers and readers its edges touch."""
+        return {w for w, _ in self.edges} | {r for _, r in self.edges}
+
+    def __repr__(self) -> str:
+        return f"Circuit({self.name or 'edges'}: {len(self)} of {self.total})"
+
+
+def upstream(a: Arch) -> torch.Tensor:
+    """``[writer, reader]`` bool: where an edge runs (the pattern of an edge attribution's non-NaN entries)."""
+    def layer(label: str, last: int) -> int:
+        return last if label == "logits" else -1 if not label.startswith("L") else int(label[1:].split("H")[0]
+                                                                                          .split("K")[0].split(" ")[0])
+    W, R = writers(a), readers(a)
+    lw = torch.tensor([layer(w, a.n_layers) for w in W])[:, None]
+    lr = torch.tensor([layer(r, a.n_layers) for r in R])[None, :]
+    heads = torch.tensor(["MLP" not in w and w.startswith("L") for w in W])[:, None]
+    mlp_reader = torch.tensor([r.endswith("MLP") for r in R])[None, :]
+    return (lw < lr) | ((lw == lr) & heads & mlp_reader & (not a.parallel))
+
+
+def _mean_scores(scores: Attribution) -> tuple[torch.Tensor, list[str], list[str]]:
+    if scores.dims[-2:] != ("writer", "reader"):
+        raise ValueError(f"scores has dims {scores.dims}: give an edge_attribution_patching result")
+    values = scores.values.nanmean(0) if scores.values.ndim == 3 else scores.values
+    return values, scores.labels["writer"], scores.labels["reader"]
+
+
+def top_edges(scores: Attribution, n: int, *, absolute: bool = True) -> Circuit:
+    """The ``n`` edges with the largest score (by magnitude), averaged over the pairs."""
+    values, W, R = _mean_scores(scores)
+    key = (values.abs() if absolute else values).nan_to_num(-float("inf")).flatten()
+    total = int((~values.isnan()).sum())
+    if not 0 <= n <= total:
+        raise ValueError(f"n={n}: the model has {total} edges")
+    order = key.argsort(descending=True)[:n].tolist()
+    return Circuit(frozenset((W[i // len(R)], R[i % len(R)]) for i in order), total, f"top {n}")
+
+
+def _component(reader: str, a_kv_group: int) -> list[str]:
+    """The writers a reader belongs to: a head's query or key/value (every head sharing that kv head), an MLP."""
+    if reader == "logits" or reader.endswith("MLP"):
+        return [reader]
+    name, _ = reader.split(" ")
+    layer, rest = name[1:].split("KV") if "KV" in name else name[1:].split("H")
+    head = int(rest)
+    heads = range(head * a_kv_group, (head + 1) * a_kv_group) if "KV" in name else [head]
+    return [f"L{layer}H{h}" for h in heads]
+
+
+def greedy(scores: Attribution, n: int, *, absolute: bool = True) -> Circuit:
+    """``n`` edges built up from the logits: each step adds the largest-scoring edge (by magnitude,
+    averaged over the pairs) into a component already in the circuit, so the circuit stays connected."""
+    values, W, R = _mean_scores(scores)
+    group = max(1, sum(r.endswith(" q") for r in R) // max(1, sum(r.endswith(" k") for r in R)))
+    key = (values.abs() if absolute else values).nan_to_num(-float("inf"))
+    reached, edges = {"logits"}, set()
+    total = int((~values.isnan()).sum())
+    readers_of = [set(_component(r, group)) for r in R]
+    while len(edges) < n:
+        open_ = torch.tensor([bool(c & reached) for c in readers_of])  # readers of components in the circuit
+        masked = key.masked_fill(~open_[None, :], -float("inf"))
+        for w, r in edges:
+            masked[W.index(w), R.index(r)] = -float("inf")
+        best = int(masked.flatten().argmax())
+        if masked.flatten()[best] == -float("inf"):
+            break  # nothing more is connected
+        w, r = W[best // len(R)], R[best % len(R)]
+        edges.add((w, r))
+        reached.add(w)
+    return Circuit(frozenset(edges), total, f"greedy {len(edges)}")
+
+
+def ablated(a: Arch, circuits: list[Circuit]) -> torch.Tensor:
+    """``[circuit, reader, writer]`` float: 1 where the writer reaches the reader but the edge is not in the circuit."""
+    W, R, runs = writers(a), readers(a), upstream(a).T  # [reader, writer]
+    out = runs.float()[None].repeat(len(circuits), 1, 1)
+    for c, circuit in enumerate(circuits):
+        for w, r in circuit.edges:
+            if w not in W or r not in R or not runs[R.index(r), W.index(w)]:
+                raise ValueError(f"edge {w!r} -> {r!r} of {circuit!r} is not an edge of this model (writers: "
+                                 f"{W[0]!r} ... {W[-1]!r}; readers: {R[0]!r} ... {R[-1]!r})")
+            out[c, R.index(r), W.index(w)] = 0.0
+    return out
+
+
+def faithfulness_result(p: Pairs, out: dict, todo: list[Circuit], *, ablation: str, units: str,
+                        title: str) -> Attribution:
+    """``[prompt, circuit]``: the recovered fraction; ``per_prompt``: the clean, corrupted and circuit metrics."""
+    base = out["base"]  # [pair, clean / corrupted]
+    p.check_metrics(base.T, recovery=True)
+    recovered = (out["circuit"] - base[:, 1:]) / (base[:, :1] - base[:, 1:])
+    names = [c.name or f"circuit {i}" for i, c in enumerate(todo)]
+    return Attribution(recovered, ("prompt", "circuit"), {"prompt": list(p.clean.labels), "circuit": names},
+                       method="circuit_faithfulness", by="circuit", units=units, title=title, tokens=p.clean.tokens,
+                       metric=p.clean.metric() if p.metric is None else "custom metric",
+                       meta={"ablation": ablation, "edges": [len(c) for c in todo], "total": todo[0].total},
+                       per_prompt={"clean_metric": base[:, 0].tolist(), "corrupted_metric": base[:, 1].tolist(),
+                                   "circuit_metric": out["circuit"].tolist()})
+
+
+def columns(a: Arch) -> list[torch.Tensor]:
+    """The output columns of each attention reader's projection (query heads, then kv heads' keys, then values):
+    ``[torch.Tensor [head, d_head]] * 3``, in the output of ``q_proj``, ``k_proj`` and ``v_proj`` (the fused module's
+    output for a fused layout)."""
+    from .kernels import split_qkv
+
+    h, kv, d = a.n_heads, a.n_kv_heads, a.d_head
+    widths = (h * d, kv * d, kv * d) if a.value_layout == "separate" else ((h + 2 * kv) * d,) * 3
+    return [x[0] for x in split_qkv(*(torch.arange(w)[None] for w in widths), **a.qkv_shape)]
+
+
+def curve(model, clean, corrupted, answer=None, distractor=None, *, scores: Attribution, sizes=None, build=None,
+          ablation: str = "patch", **options) -> Attribution:
+    """Faithfulness against circuit size (MIB's curve): circuits of ``sizes`` edges built from ``scores``
+    (``build``: `top_edges`, the default, or `greedy`), each scored by `recipes.circuit_faithfulness` on
+    these pairs, all circuits in one forward. Returns ``[prompt, circuit]``; ``meta["edges"]`` the sizes.
+    Use pairs other than those the scores came from, to measure the circuit rather than the fit."""
+    from .recipes import circuit_faithfulness
+
+    total = int((~_mean_scores(scores)[0].isnan()).sum())
+    sizes = sizes or sorted({max(1, round(total * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)} | {total})
+    todo = [(build or top_edges)(scores, n) for n in sizes]
+    return circuit_faithfulness.run(model, clean, corrupted, answer, distractor, circuit=todo, ablation=ablation,
+                                    **options)
+
+
+def by_edge_attribution(model, clean, corrupted, answer, distractor, sizes=None, **options) -> list[Circuit]:
+    """Circuits of the top ``sizes`` edges (one size or several; default: 1, 2, 5, 10, 20, 50 and 100% of the
+    model's edges) by edge attribution patching on these pairs."""
+    from .recipes import edge_attribution_patching
+
+    scores = edge_attribution_patching.run(model, clean, corrupted, answer, distractor, **options)
+    total = int((~_mean_scores(scores)[0].isnan()).sum())
+    sizes = sizes or sorted({max(1, round(total * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)} | {total})
+    return [top_edges(scores, n) for n in ([sizes] if isinstance(sizes, int) else sizes)]

@@ -16,7 +16,7 @@ from torch.testing import assert_close
 
 import nnattr
 from nnattr import kernels as K
-from nnattr.recipes import activation_patching, attribution_patching, edge_attribution_patching
+from nnattr.recipes import activation_patching, atp_star, attribution_patching, edge_attribution_patching
 from nnattr.pairs import NODES
 from nnattr.validation import ApproximationWarning, compare, metric_effect, spearman
 from tests.support import tiny
@@ -496,7 +496,9 @@ if ndif is not None:
     (edge_attribution_patching, dict()),
     (edge_attribution_patching, dict(method="ig", steps=2)),
     (edge_attribution_patching, dict(top_k=10)),  # only each pair's largest edges come back
-], ids=["atp", "ig", "exact", "exact-session", "edges", "edges-ig", "edges-top"])
+    (atp_star, dict()),  # the QK fix: q, k, v read at the attention interface (sdpa here)
+    (atp_star, dict(grad_drop=True)),  # GradDrop: one backward per layer, same request
+], ids=["atp", "ig", "exact", "exact-session", "edges", "edges-ig", "edges-top", "atp-star", "atp-star-gd"])
 def test_remote_equals_local_in_one_request(server, recipe, kwargs):
     local = recipe.run(REMOTE_CLIENT, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, **kwargs)
     before = len(server.requests)
@@ -565,3 +567,21 @@ def test_exact_patching_backs_off_on_out_of_memory(zoo, monkeypatch):
     assert_close(backed_off["head"].values, whole["head"].values, **TOL)
     with pytest.raises(ValueError, match="k=0: give a whole number of at least 1"):
         activation_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, candidates=whole, k=0)
+
+
+@needs_ndif
+def test_circuit_faithfulness_on_ndif_equals_local_in_one_request(server):
+    from nnattr import circuits
+    from nnattr.recipes import circuit_faithfulness
+
+    scores = edge_attribution_patching.run(REMOTE_CLIENT, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)
+    kept = [circuits.top_edges(scores, 5), circuits.greedy(scores, 9)]
+    for ablation in ("patch", "zero"):
+        local = circuit_faithfulness.run(REMOTE_CLIENT, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=kept,
+                                         ablation=ablation)
+        before = len(server.requests)
+        far = circuit_faithfulness.run(REMOTE_CLIENT, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=kept,
+                                       ablation=ablation, remote=True)
+        assert len(server.requests) == before + 1 and server.last.status == "COMPLETED"
+        assert server.last.result_size < 4_000  # a metric per row
+        assert_close(far.values, local.values, atol=1e-5, rtol=1e-5)

@@ -232,3 +232,26 @@ def top_edges(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     key = flat.abs().nan_to_num(-1.0)
     order = key.topk(min(k, flat.shape[1]), dim=1).indices  # [n, k]
     return flat.gather(1, order), torch.stack([order // scores.shape[2], order % scores.shape[2]], -1)
+
+
+def apply_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None, *,
+               norm: Literal["layernorm", "rmsnorm"], eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+    """A pre-norm recomputed from its weights, on any ``[..., d_model]`` (readers' own inputs): LayerNorm or
+    RMSNorm times ``(offset + weight)`` plus ``bias``; ``weight=None``: no norm (the input itself)."""
+    if weight is None:
+        return x
+    unit, _ = _unit(x, norm=norm, eps=eps)
+    out = unit * (weight.float() + weight_offset)
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+def reader_projections(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor, *,
+                       conv1d: bool = False) -> torch.Tensor:
+    """Each reader's own columns of a projection, from its own input: ``[..., reader, d_model] -> [..., reader, c]``.
+
+    columns: ``[reader, c]``, the output columns (one head's query, key or value) each reader computes;
+    weight: as stored (``nn.Linear``: ``[out, in]``; ``conv1d``: ``[in, out]``).
+    """
+    W = (weight.T if conv1d else weight)[columns]  # [reader, c, d_model]
+    out = einsum(x, W.to(x.dtype), "... r d, r c d -> ... r c")
+    return out if bias is None else out + bias[columns].to(x.dtype)

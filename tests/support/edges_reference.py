@@ -99,19 +99,21 @@ def _linear(module: nn.Module, x: torch.Tensor, conv1d: bool) -> torch.Tensor:
     return x @ module.weight + module.bias if conv1d else F.linear(x, module.weight, module.bias)
 
 
-def reader_gradients(hf, key: str, input_ids, attention_mask, answer, distractor, *, embeds=None):
+def reader_gradients(hf, key: str, input_ids, attention_mask, answer, distractor, *, embeds=None, shift=None,
+                     hooks=None):
     """``{reader label: [batch, pos, d_model]}``: d m / d (the reader's copy of its input), m = the
     logit difference at the last position summed over the batch. ``embeds``: replace the token
-    embedding's output (integrated gradients)."""
+    embedding's output (integrated gradients). ``shift(label)``: add this to each reader's copy instead, and
+    return the metric ``[batch]`` (no gradients); ``hooks``: more hooks to hold during the forward."""
     read, cfg = READ[key], hf.config
     heads, kv = cfg.num_attention_heads, kv_heads(cfg)
     d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     batch, pos = input_ids.shape
-    eps, hooks, seen = {}, [], {}
+    eps, hooks, seen = {}, list(hooks or []), {}
 
     def new(label):
-        eps[label] = torch.zeros(batch, pos, cfg.hidden_size, dtype=torch.float32, requires_grad=True)
-        return eps[label]
+        eps[label] = torch.zeros(batch, pos, cfg.hidden_size, dtype=torch.float32, requires_grad=shift is None)
+        return eps[label] if shift is None else shift(label)
 
     def norm_of(block, name):
         return (lambda x: x) if name is None else block.get_submodule(name)
@@ -157,6 +159,8 @@ def reader_gradients(hf, key: str, input_ids, attention_mask, answer, distractor
         logits = ref.forward(hf, input_ids, attention_mask).logits[:, -1].float()
         rows = torch.arange(batch)
         metric = logits[rows, answer] - logits[rows, distractor]
+        if shift is not None:
+            return metric.detach()
         labels = list(eps)
         grads = torch.autograd.grad(metric.sum(), [eps[k] for k in labels])
     finally:
@@ -237,3 +241,48 @@ def edge_scores(hf, key: str, clean: torch.Tensor, corrupted: torch.Tensor, answ
             if lw < lr or mlp_reads_heads:
                 out[w, r] = (d.double() * g.double()).sum((1, 2))
     return out
+
+
+def _layer(label: str, last: int) -> int:
+    """A writer's or reader's layer: embeddings -1, the logits after the last layer."""
+    if label == "logits":
+        return last
+    return -1 if label.startswith("embed") else int(label[1:].split("H")[0].split("K")[0].split(" ")[0])
+
+
+def edge_ablated_metric(hf, key: str, clean, corrupted, answer, distractor, keep: set, *, zero: bool = False):
+    """The metric ``[pair]`` of the clean prompts with every edge (writer, reader) not in ``keep`` ablated: the
+    reader reads that writer's corrupted value (or nothing, ``zero``) in place of its value in this run. Writers
+    are recorded by hooks as this forward computes them; each reader adds ``-sum (now - ablated)`` over its
+    ablated edges to its own copy of its input (`reader_gradients`'s hooks). Equal-length pairs, no padding."""
+    nat, read, n_layers = ref.native(hf), READ[key], len(ref.blocks(hf))
+    then = writer_outputs(hf, key, corrupted, None)  # writers: "embed0", "embed1", "L0H0", ..., "L0 MLP", ...
+    now, hooks = {}, []
+    for j, path in enumerate(nat.embeds):
+        hooks.append(hf.get_submodule(path).register_forward_hook(
+            lambda m, a, out, j=j: now.__setitem__(f"embed{j}", out.expand(clean.shape[0], -1, -1).float())))
+    for i, block in enumerate(ref.blocks(hf)):
+        W = ref._per_head_W_O(hf, i)
+
+        def heads(m, a, i=i, W=W):
+            for h, W_h in enumerate(W):
+                d = W_h.shape[0]
+                now[f"L{i}H{h}"] = (a[0][..., h * d : (h + 1) * d].double() @ W_h).float()
+
+        def mlp(m, a, out, i=i):
+            x = out[0] if isinstance(out, tuple) else out
+            now[f"L{i} MLP"] = (x.unflatten(0, (clean.shape[0], -1)) if x.ndim == 2 else x).float().clone()
+
+        hooks.append(block.get_submodule(nat.o_proj).register_forward_pre_hook(heads))
+        hooks.append(block.get_submodule(nat.mlp_write).register_forward_hook(mlp))
+
+    def shift(reader):
+        lr, out = _layer(reader, n_layers), 0
+        for w in now:
+            lw = _layer(w, n_layers)
+            runs = lw < lr or (lw == lr and reader.endswith("MLP") and "H" in w and not read.parallel)
+            if runs and (w, reader) not in keep:
+                out = out - (now[w] - (0 if zero else then[w]))
+        return torch.zeros(clean.shape[0], clean.shape[1], hf.config.hidden_size) + out
+
+    return reader_gradients(hf, key, clean, None, answer, distractor, shift=shift, hooks=hooks)

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FILE = ROOT / "docs" / "status.md"
 #: The test modules whose ``arch``-parametrized tests make the table.
 MODULES = ("test_recipes.py", "test_positions.py", "test_token_circulation.py", "test_attention_summary.py",
-           "test_remote.py", "test_families_remote.py", "test_patching.py", "test_families_recipes.py", "test_edges.py")
+           "test_remote.py", "test_families_remote.py", "test_patching.py", "test_families_recipes.py", "test_edges.py",
+           "test_circuits.py")
 COMMAND = "python -m pytest " + " ".join(f"tests/{m}" for m in MODULES)
 
 DLA = {"component": "DLA by component", "head": "DLA by head", "head_position": "DLA by head and position",
@@ -61,6 +62,9 @@ COLUMNS = {
     "test_every_field_matches_hugging_face_attentions": ["attention summary"],
     "test_parity_with_plain_torch_hooks": ["attribution patching"],  # AtP and EAP-IG
     "test_matches_the_slow_reference": ["edge attribution patching"],
+    "test_every_edge_is_the_clean_run_and_none_the_corrupted_one": ["circuit faithfulness"],
+    "test_a_circuit_matches_the_edge_ablated_reference": ["circuit faithfulness"],
+    "test_refused_where_head_edges_are_not_exact": ["circuit faithfulness"],
     # test_families_recipes.py: the newer recipes against hooks / plain autograd on every family
     "test_attention_views_equal_the_hooks_reference": ["attention views"],
     "test_token_attribution_equals_plain_autograd": ["token attribution"],  # IG and gradient x input

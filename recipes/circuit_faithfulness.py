@@ -1,0 +1,120 @@
+"""Circuit faithfulness: how much of the clean behaviour a circuit keeps when every other edge is ablated.
+
+Conmy et al. 2023; Hanna et al. 2024; MIB (Mueller et al. 2025). A circuit is a set of edges from writers to readers
+(`nnattr.circuits`: `top_edges`, `greedy`). The clean prompt runs with every reader reading, from each writer
+whose edge into it is outside the circuit, that writer's corrupted value (``ablation="patch"``) or nothing
+(``"zero"``) instead of its value in this run:
+
+    x_r = x - sum over writers w whose edge into r is not in the circuit of (w_now - w_ablated)
+
+and each reader computes from its own ``x_r`` (a head's query, key or value through its pre-norm; an MLP; the
+logits). The result is the recovered fraction (m(circuit) - m(corrupted)) / (m(clean) - m(corrupted)): 1 with
+every edge, 0 (``"patch"``) with none. Every circuit is rows of one forward (rows: pairs x circuits); one session.
+Wire: a metric per row.                                                                  [prompt, circuit]
+
+    python recipes/circuit_faithfulness.py --clean "..." --corrupted "..." --answer " Mary" --distractor " John"
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import nnsight
+import torch
+from einops import einsum
+
+from nnattr import circuits, runner
+from nnattr.kernels import (  # kernels by name: they travel to NDIF
+    apply_norm, first, head_deltas, logit_diff, o_proj_per_head, reader_projections)
+from nnattr.pairs import Pairs, pairs
+
+TITLE, UNITS = "Circuit faithfulness", "recovered fraction"
+
+
+def trace(model, p: Pairs, *, masks: torch.Tensor, zero: bool, remote=False, backend=None) -> dict:
+    """The clean and corrupted rows (the writers' ablated values), then the clean rows once per circuit."""
+    a, n, metric, C = p.arch, len(p), p.metric, masks.shape[0]
+    answer, other = p.clean.answer("target"), p.clean.answer("distractor")
+    cols, norm = circuits.columns(a), a.norm_shape  # each attention reader's projection columns; the norms' shape
+    embeds, parallel, normed, conv1d, H, KV = a.embeddings, a.parallel, a.pre_norms, a.o_proj_conv1d, a.n_heads, \
+        a.n_kv_heads
+    per_layer, rows, mask = H + 2 * KV + 1, C * n, masks.repeat_interleave(n, 0)  # [rows, reader, writer]
+    slices = [slice(0, H), slice(H, H + KV), slice(H + KV, H + 2 * KV)]  # query heads, keys, values
+    last = {} if metric else {"logits_to_keep": 1}
+    both, runs = p.inputs_of(range(n), range(n)), p.inputs_of(list(range(n)) * C, [])  # circuit-major rows
+    with model.session(remote=remote, backend=backend):
+        value = lambda logits, k: metric(logits).float() if metric else logit_diff(  # noqa: E731 [rows]
+            logits, answer.repeat(k), None if other is None else other.repeat(k))
+        off = lambda now, then: now - then.repeat(C, *[1] * (then.ndim - 1)) * (not zero)  # noqa: E731 a change
+        with torch.no_grad(), model.trace(both, **last):  # the ablated values: the corrupted run's writers
+            was = [[first(getattr(model, e).output).expand(2 * n, -1, -1)[n:] for e in embeds], [], []]
+            for layer in model.layers:
+                was[1].append(layer.attn.o_proj.input[n:])
+                was[2].append(first(layer.mlp_out.output, 2 * n)[n:].clone())  # a copy: Falcon adds into it
+            base = value(model.output.logits, 2)  # [clean n, corrupted n]
+        with torch.no_grad(), model.trace(runs, **last):
+            changes = [torch.stack([off(first(getattr(model, e).output).expand(rows, -1, -1), b)
+                                    for e, b in zip(embeds, was[0])], 2)]  # per writer block: [rows, pos, w, d]
+            for i, layer in enumerate(model.layers):
+                x, r = layer.input, i * per_layer  # the stream, and this layer's first reader
+                done = torch.cat(changes, 2)
+                inputs = x[:, :, None] - einsum(done, mask[:, r : r + per_layer - 1, : done.shape[2]],
+                                                "b p w d, b r w -> b p r d")  # each attention reader's own
+                inputs = apply_norm(inputs, layer.attn_norm.weight if normed else None,
+                                    getattr(layer.attn_norm, "bias", None) if normed else None, **norm)
+                for proj, col, part in zip((layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj), cols, slices):
+                    out = proj.output  # the fused module's three times: one tensor
+                    out[..., col.flatten()] = reader_projections(inputs[:, :, part], proj.weight, proj.bias, col,
+                                                                 conv1d=conv1d).flatten(-2)
+                W_O = o_proj_per_head(layer.attn.o_proj.weight, n_heads=H, conv1d=conv1d)  # [head, d_head, d_model]
+                changes.append(head_deltas(off(layer.attn.o_proj.input, was[1][i]), W_O))  # each head's change
+                mid = x if parallel else x + first(layer.attn_out.output, rows)
+                done = torch.cat(changes, 2)
+                own = mid - einsum(done, mask[:, r + per_layer - 1, : done.shape[2]], "b p w d, b w -> b p d")
+                given = layer.mlp_in.input
+                own = apply_norm(own, layer.mlp_norm.weight if normed else None,
+                                 getattr(layer.mlp_norm, "bias", None) if normed else None, **norm)
+                layer.mlp_in.input = own.reshape(given.shape)  # OPT's MLP reads the flattened stream
+                changes.append(off(first(layer.mlp_out.output, rows), was[2][i])[:, :, None])
+            done = torch.cat(changes, 2)
+            model.ln_f.input = model.ln_f.input - einsum(done, mask[:, -1], "b p w d, b w -> b p d")
+            out = nnsight.save({"circuit": value(model.output.logits, C).view(C, n).T.cpu(),  # [pair, circuit]
+                                "base": base.view(2, n).T.cpu()})  # [pair, clean / corrupted]
+    return out
+
+
+def run(model, clean, corrupted, answer=None, distractor=None, *, circuit: Sequence[circuits.Circuit] = (),
+        edges: int | Sequence[int] | None = None, ablation: Literal["patch", "zero"] = "patch", metric=None,
+        batch_size: int | None = None, remote=False, backend=None) -> circuits.Attribution:
+    """The recovered fraction of the metric with only each circuit's edges kept, per pair (see the module doc).
+
+    answer: the clean prompt's answer token; distractor: subtract its logit.
+    circuit: a circuit (nnattr.circuits.top_edges, greedy), or several: each is rows of the same forward.
+    edges: without circuit, the top edges by edge attribution patching on these pairs (default: 1 to 100 percent).
+    ablation: what a reader reads from a writer outside the circuit: its corrupted value (patch) or nothing (zero).
+    metric: a function of the logits [batch, pos, vocab] -> [batch], replacing the logit difference.
+    """
+    if ablation not in ("patch", "zero"):
+        raise ValueError(f"ablation={ablation!r}; expected 'patch' (the corrupted run's values) or 'zero'")
+    todo = [circuit] if isinstance(circuit, circuits.Circuit) else list(circuit) or circuits.by_edge_attribution(
+        model, clean, corrupted, answer, distractor, edges, metric=metric, remote=remote, backend=backend)
+    if not all(isinstance(c, circuits.Circuit) for c in todo):
+        raise ValueError("circuit: give an nnattr.circuits.Circuit (top_edges, greedy), or a list of them")
+    p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=("attn",), align=None)
+    if p.clean.lengths != p.corrupted.lengths:  # the ablated values are the corrupted run's, position by position
+        raise ValueError(f"pairs of unequal token lengths {p.clean.lengths} / {p.corrupted.lengths}: give pairs "
+                         f"of equal length (a writer's corrupted value replaces it at the same position)")
+    p.arch.require_readers(TITLE)
+    p.arch.require_exact_heads(f"{TITLE} (edges out of heads)")
+    masks = circuits.ablated(p.arch, todo)  # [circuit, reader, writer]: unknown edge names are refused there
+    out = runner.run(trace, model, p, masks=masks, zero=ablation == "zero", batch_size=batch_size, remote=remote,
+                     backend=backend)
+    return circuits.faithfulness_result(p, out, todo, ablation=ablation, units=UNITS, title=TITLE)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from nnattr.cli import recipe_main
+
+    raise SystemExit(recipe_main(sys.modules[__name__]))
