@@ -77,7 +77,7 @@ def dropped_gradients(total: torch.Tensor, acts: Sequence[torch.Tensor], writes:
     same with the gradient through layer ``l``'s residual-stream contribution dropped (unchanged for ``j > l``;
     zero for ``j == l``). ``writes[l]``: layer ``l``'s contribution (its output minus its input, in the graph);
     ``outputs[l]``: its output. The paths through layer ``l`` are ``J^T (d total / d outputs[l])``: one backward
-    from layer ``l`` down, subtracted from the total gradient."""
+    that starts at layer ``l`` and runs down, subtracted from the total gradient."""
     if not total.requires_grad:
         gradients(total, acts)  # refuses, saying why no graph reaches the metric
     grads = torch.autograd.grad(total, [*acts, *outputs], retain_graph=grad_drop)
