@@ -48,9 +48,10 @@ def edge_result(p: Pairs, out: dict, *, method: str, steps: int, top_k: int | No
             scores[i, index[:, 0], index[:, 1]] = values
     meta = {"method": method, **({"steps": steps} if steps else {}), **({"top_k": top_k} if top_k else {})}
     if not a.head_exact:
+        rows = "the mean over the path" if steps else "the corrupted run"
         meta["heads"] = (f"{a.family}'s heads pass a norm after attention: their changes are taken through its scale "
-                         f"measured on the corrupted run and frozen, so a layer's head edges sum to its attention "
-                         f"write's edge only to first order")
+                         f"measured on the rows the gradient is taken at ({rows}) and frozen, so a layer's head edges "
+                         f"sum to its attention write's edge only to first order")
     per_prompt = {"clean_metric": metric[:, 0].tolist(), "corrupted_metric": metric[:, 1].tolist()}
     for role in ("target", "distractor"):
         if getattr(p.clean, role) is not None:
@@ -69,11 +70,23 @@ class Circuit:
     edges the model has, so ``len(circuit) / circuit.total`` is its share."""
 
     edges: frozenset
-    total: int
+    total: int = 0
     name: str = ""
+
+    def __post_init__(self) -> None:
+        edges = frozenset(self.edges)
+        if not all(isinstance(e, tuple) and len(e) == 2 and all(isinstance(x, str) for x in e) for e in edges):
+            raise ValueError("a circuit's edges are (writer, reader) name pairs, e.g. ('L0H2', 'L1H0 v')")
+        object.__setattr__(self, "edges", edges)
 
     def __len__(self) -> int:
         return len(self.edges)
+
+    def __or__(self, other: "Circuit") -> "Circuit":
+        return Circuit(self.edges | other.edges, max(self.total, other.total), f"{self.name} | {other.name}")
+
+    def __and__(self, other: "Circuit") -> "Circuit":
+        return Circuit(self.edges & other.edges, max(self.total, other.total), f"{self.name} & {other.name}")
 
     @property
     def nodes(self) -> set[str]:
@@ -98,8 +111,12 @@ def upstream(a: Arch) -> torch.Tensor:
 
 
 def _mean_scores(scores: Attribution) -> tuple[torch.Tensor, list[str], list[str]]:
-    if scores.dims[-2:] != ("writer", "reader"):
-        raise ValueError(f"scores has dims {scores.dims}: give an edge_attribution_patching result")
+    if not isinstance(scores, Attribution) or scores.dims[-2:] != ("writer", "reader"):
+        raise ValueError(f"scores: give an edge_attribution_patching result (dims prompt, writer, reader), not "
+                         f"{getattr(scores, 'dims', type(scores).__name__)}")
+    if scores.meta.get("top_k"):
+        raise ValueError(f"these edge scores keep each pair's top {scores.meta['top_k']} only, so the other edges' "
+                         f"means are unknown: run edge_attribution_patching without top_k to build circuits")
     values = scores.values.nanmean(0) if scores.values.ndim == 3 else scores.values
     return values, scores.labels["writer"], scores.labels["reader"]
 
@@ -172,7 +189,8 @@ def faithfulness_result(p: Pairs, out: dict, todo: list[Circuit], *, ablation: s
     return Attribution(recovered, ("prompt", "circuit"), {"prompt": list(p.clean.labels), "circuit": names},
                        method="circuit_faithfulness", by="circuit", units=units, title=title, tokens=p.clean.tokens,
                        metric=p.clean.metric() if p.metric is None else "custom metric",
-                       meta={"ablation": ablation, "edges": [len(c) for c in todo], "total": todo[0].total},
+                       meta={"ablation": ablation, "edges": [len(c) for c in todo],
+                             "total": int(upstream(p.arch).sum())},
                        per_prompt={"clean_metric": base[:, 0].tolist(), "corrupted_metric": base[:, 1].tolist(),
                                    "circuit_metric": out["circuit"].tolist()})
 
@@ -205,10 +223,26 @@ def curve(model, clean, corrupted, answer=None, distractor=None, *, scores: Attr
 
 def by_edge_attribution(model, clean, corrupted, answer, distractor, sizes=None, **options) -> list[Circuit]:
     """Circuits of the top ``sizes`` edges (one size or several; default: 1, 2, 5, 10, 20, 50 and 100% of the
-    model's edges) by edge attribution patching on these pairs."""
+    model's edges) by edge attribution patching with integrated gradients (5 steps) on these pairs."""
     from .recipes import edge_attribution_patching
 
-    scores = edge_attribution_patching.run(model, clean, corrupted, answer, distractor, **options)
+    if sizes is not None and not (isinstance(sizes, int) or isinstance(sizes, (list, tuple)) and all(
+            isinstance(n, int) for n in sizes)):
+        raise ValueError(f"edges={sizes!r}: give a number of edges, or several (e.g. [10, 30]), not a share")
+    scores = edge_attribution_patching.run(model, clean, corrupted, answer, distractor, method="ig", **options)
     total = int((~_mean_scores(scores)[0].isnan()).sum())
     sizes = sizes or sorted({max(1, round(total * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)} | {total})
     return [top_edges(scores, n) for n in ([sizes] if isinstance(sizes, int) else sizes)]
+
+
+def as_circuits(circuit) -> list[Circuit]:
+    """One circuit, a set of (writer, reader) edges, or a list of either, as a list of circuits."""
+    if isinstance(circuit, Circuit):
+        return [circuit]
+    if isinstance(circuit, (set, frozenset)):
+        return [Circuit(frozenset(circuit))]
+    items = list(circuit)
+    if not items:
+        raise ValueError("circuit=[]: give a circuit (nnattr.circuits.top_edges, greedy, or a set of edges), or "
+                         "leave it out and give edges=")
+    return [c if isinstance(c, Circuit) else Circuit(frozenset(c), name=f"circuit {i}") for i, c in enumerate(items)]

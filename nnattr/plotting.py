@@ -612,6 +612,7 @@ def plot_circuit(circuit, scores=None, ax=None, *, title: str | None = None) -> 
         targets = [r] if r == "logits" or r.endswith("MLP") else _sharing(r, group)
         for t in targets:
             (x0, y0), (x1, y1) = place(w), place(t)
+            y1 += {"q": 0.0, "k": 0.18, "v": -0.18}[kind] if " " in r and not r.endswith("MLP") else 0.0  # apart
             score = None if values is None else values[w, r]
             colour = "0.35" if score is None else ("#b2182b" if score > 0 else "#2166ac")
             width = 1.2 if score is None else 0.6 + 4.0 * abs(score) / biggest

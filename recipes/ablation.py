@@ -4,8 +4,8 @@ Nodes as `nnattr.circuits.writers` names them (``embed``, ``pos_embed``, ``L3H1`
 input, ``L3 MLP``), and ``L3 attn``. Each set is ablated in its own batch row and the metric read (``target``'s logit,
 default the unablated top prediction, minus ``distractor``'s, at the last token). ``zero``: set to 0; ``mean``: to the
 mean over ``reference`` prompts (default: the prompts), per position aligned at the last token, or over all real
-positions (``per_position=False``; Wang et al. 2022); ``resample``: to one reference prompt's values per row, drawn
-with ``seed`` before the trace (Chan et al. 2022). One session: unablated, reference, ablated rows. Wire: metrics.
+positions (``per_position=False``; Wang et al. 2022); ``resample``: to another reference prompt's values per row,
+drawn with ``seed`` (Chan et al. 2022). One session: unablated, reference, ablated rows. Wire: metrics.
 
     python recipes/ablation.py --prompt "..." --target " Mary" --distractor " John" --node-sets "L0H0,L0H2;L1 MLP"
 """
@@ -20,7 +20,8 @@ import torch
 from nnattr import runner
 from nnattr.batch import Batch
 from nnattr.kernels import (  # kernels by name: they travel to NDIF
-    ablate, ablation_forwards, ablation_masks, ablation_nodes, ablation_sets, first, logit_diff, reference_mean)
+    ablate, ablation_forwards, ablation_masks, ablation_nodes, ablation_sets, first, logit_diff, reference_mean,
+    resample_draws)
 from nnattr.result import Attribution
 
 TITLE, UNITS = "Ablation", "metric with the set ablated"
@@ -91,8 +92,7 @@ def run(model, prompts, target=None, distractor=None, *, node_sets: str | Sequen
                          f"token, so each prompt needs reference values at all its positions: the longest prompt has "
                          f"{max(batch.lengths)} tokens, the shortest reference prompt {min(ref.lengths)}; give longer "
                          f"reference prompts (same template){', or per_position=False' * (ablation == 'mean')}")
-    draws = torch.randint(len(ref), (len(batch), len(names)), generator=torch.Generator().manual_seed(seed)) \
-        if ablation == "resample" else None
+    draws = resample_draws(len(ref or []), len(batch), len(names), ablation=ablation, seed=seed, own=reference is None)
     options = dict(sets=[[nodes[name] for name in s] for s in names], mean=ablation == "mean", rows=rows,
                    reference=None if ref is None else ref.inputs, per_position=per_position, metric=metric)
     parts = [out for _, _, out in runner.chunks(

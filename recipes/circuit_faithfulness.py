@@ -83,23 +83,23 @@ def trace(model, p: Pairs, *, masks: torch.Tensor, zero: bool, remote=False, bac
     return out
 
 
-def run(model, clean, corrupted, answer=None, distractor=None, *, circuit: Sequence[circuits.Circuit] = (),
+def run(model, clean, corrupted, answer=None, distractor=None, *, circuit: Sequence[circuits.Circuit] | None = None,
         edges: int | Sequence[int] | None = None, ablation: Literal["patch", "zero"] = "patch", metric=None,
         batch_size: int | None = None, remote=False, backend=None) -> circuits.Attribution:
     """The recovered fraction of the metric with only each circuit's edges kept, per pair (see the module doc).
 
     answer: the clean prompt's answer token; distractor: subtract its logit.
     circuit: a circuit (nnattr.circuits.top_edges, greedy), or several: each is rows of the same forward.
-    edges: without circuit, the top edges by edge attribution patching on these pairs (default: 1 to 100 percent).
+    edges: without circuit, the top edges by EAP-IG (5 steps) on these pairs (default: 1 to 100 percent of them).
     ablation: what a reader reads from a writer outside the circuit: its corrupted value (patch) or nothing (zero).
     metric: a function of the logits [batch, pos, vocab] -> [batch], replacing the logit difference.
     """
     if ablation not in ("patch", "zero"):
         raise ValueError(f"ablation={ablation!r}; expected 'patch' (the corrupted run's values) or 'zero'")
-    todo = [circuit] if isinstance(circuit, circuits.Circuit) else list(circuit) or circuits.by_edge_attribution(
+    if circuit is not None and edges is not None:
+        raise ValueError("give circuit= or edges= (circuits built by edge attribution patching), not both")
+    todo = circuits.as_circuits(circuit) if circuit is not None else circuits.by_edge_attribution(
         model, clean, corrupted, answer, distractor, edges, metric=metric, remote=remote, backend=backend)
-    if not all(isinstance(c, circuits.Circuit) for c in todo):
-        raise ValueError("circuit: give an nnattr.circuits.Circuit (top_edges, greedy), or a list of them")
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=("attn",), align=None)
     if p.clean.lengths != p.corrupted.lengths:  # the ablated values are the corrupted run's, position by position
         raise ValueError(f"pairs of unequal token lengths {p.clean.lengths} / {p.corrupted.lengths}: give pairs "

@@ -303,3 +303,15 @@ def test_remote_equals_local_in_one_request(server, kwargs):
     assert server.last.result_size < 5_000  # metrics only, never activations
     assert_close(far.values, local.values, atol=1e-5, rtol=1e-5)
     assert far.per_prompt["clean_metric"] == pytest.approx(local.per_prompt["clean_metric"], abs=1e-5)
+
+
+def test_resample_never_draws_a_rows_own_prompt_and_one_prompt_alone_is_refused():
+    from nnattr.kernels import resample_draws
+
+    draws = resample_draws(3, 3, 50, ablation="resample", seed=0, own=True)
+    assert not (draws == torch.arange(3)[:, None]).any() and set(draws.flatten().tolist()) == {0, 1, 2}
+    other = resample_draws(3, 2, 50, ablation="resample", seed=0, own=False)  # another reference: any prompt
+    assert set(other.flatten().tolist()) == {0, 1, 2}
+    for kind in ("mean", "resample"):
+        with pytest.raises(ValueError, match="needs at least 2 prompts"):
+            resample_draws(1, 1, 2, ablation=kind, seed=0, own=True)

@@ -92,6 +92,12 @@ def test_top_edges_and_greedy(zoo):
     assert repr(grown) == "Circuit(greedy 12: 12 of %d)" % total
     with pytest.raises(ValueError, match="the model has"):
         circuits.top_edges(scores, total + 1)
+    with pytest.raises(ValueError, match="keep each pair's top 5 only"):
+        circuits.top_edges(eap.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, top_k=5), 3)
+    with pytest.raises(ValueError, match="give an edge_attribution_patching result"):
+        circuits.greedy({"head": scores}, 3)
+    both = top | grown
+    assert len(both) == len(top.edges | grown.edges) and (top & grown).edges == top.edges & grown.edges
     with pytest.raises(ValueError, match="is not an edge of this model"):
         cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR,
                circuit=circuits.Circuit(frozenset({("L1H0", "L0H0 q")}), total))
@@ -109,8 +115,16 @@ def test_bad_options_are_refused(zoo):
     _, model = zoo("gpt2")
     with pytest.raises(ValueError, match="ablation='mean'"):
         cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, edges=3, ablation="mean")
-    with pytest.raises(ValueError, match="give an nnattr.circuits.Circuit"):
-        cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=[{("L0H0", "logits")}])
+    with pytest.raises(ValueError, match="a circuit's edges are \\(writer, reader\\) name pairs"):
+        cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=[{"L0H0"}])
+    by_hand = cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit={("L1H0", "logits"), ("L0H1", "L1H0 v")})
+    assert by_hand.meta["edges"] == [2] and by_hand.meta["total"] == 137  # a set of edges is a circuit
+    with pytest.raises(ValueError, match="circuit=\\[\\]"):
+        cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=[])
+    with pytest.raises(ValueError, match="not both"):
+        cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=circuits.Circuit({("L1H0", "logits")}), edges=3)
+    with pytest.raises(ValueError, match="not a share"):
+        cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, edges=0.1)
     sized = cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)  # the top 1, 2, 5, 10, 20, 50 and 100% by EAP
     assert sized.meta["edges"][-1] == sized.meta["total"] and sized.values[:, -1].tolist() == pytest.approx([1, 1])
     with pytest.raises(ValueError, match="pairs of unequal token lengths"):

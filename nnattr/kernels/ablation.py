@@ -113,3 +113,20 @@ def ablate(x: torch.Tensor, mask: torch.Tensor, value: torch.Tensor | None = Non
     else:
         value = (value if rows is None else value[rows.to(value.device)]).to(device=x.device, dtype=x.dtype)
     return torch.where(mask.to(x.device)[:, None, :], value, x)
+
+
+def resample_draws(n_reference: int, n_prompts: int, n_sets: int, *, ablation: str, seed: int,
+                   own: bool) -> torch.Tensor | None:
+    """Which reference prompt each (prompt, set) row takes its values from (resample; None otherwise). With
+    ``own`` (the reference is the prompts themselves) a row never draws its own prompt, and mean or resample
+    over a single prompt is refused: it would replace the prompt by itself and change nothing."""
+    if ablation != "zero" and own and n_reference < 2:
+        raise ValueError(f"{ablation} ablation over the prompts themselves needs at least 2 prompts (one would be "
+                         f"replaced by itself and nothing would change): give more prompts, or reference=")
+    if ablation != "resample":
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    if not own:
+        return torch.randint(n_reference, (n_prompts, n_sets), generator=generator)
+    draws = torch.randint(n_reference - 1, (n_prompts, n_sets), generator=generator)  # skip each row's own prompt
+    return draws + (draws >= torch.arange(n_prompts)[:, None]).long()
