@@ -184,3 +184,17 @@ def test_kernels_doctests():
     from nnattr.kernels import edges
 
     assert doctest.testmod(edges).failed == 0
+
+
+def test_matches_the_slow_reference_on_the_trained_embedded_model():
+    """The same reference on a trained model (tiny-ioi, a GPT-2) and real IOI pairs, one pair at a time."""
+    from nnattr.embedded import tasks
+
+    model = nnattr.load("tiny-ioi")
+    tok = model.tokenizer
+    for pair in tasks.ioi_pairs(3, seed=5):
+        result = eap.run(model, pair["clean"], pair["corrupted"], pair["answer"], pair["distractor"])
+        clean, corrupted = (tok(pair[k], return_tensors="pt")["input_ids"] for k in ("clean", "corrupted"))
+        answer, distractor = (torch.tensor(tok(pair[k])["input_ids"]) for k in ("answer", "distractor"))
+        want = er.edge_scores(model._module, "gpt2", clean, corrupted, answer, distractor)
+        assert compare(result, want, nnattr.arch.arch_of(model)) < 1e-4  # scores up to about 10
