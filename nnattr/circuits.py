@@ -217,8 +217,21 @@ def curve(model, clean, corrupted, answer=None, distractor=None, *, scores: Attr
     total = int((~_mean_scores(scores)[0].isnan()).sum())
     sizes = sizes or sorted({max(1, round(total * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)} | {total})
     todo = [(build or top_edges)(scores, n) for n in sizes]
-    return circuit_faithfulness.run(model, clean, corrupted, answer, distractor, circuit=todo, ablation=ablation,
-                                    **options)
+    result = circuit_faithfulness.run(model, clean, corrupted, answer, distractor, circuit=todo, ablation=ablation,
+                                      **options)
+    result.meta.update(areas(result))
+    return result
+
+
+def areas(result: Attribution) -> dict[str, float]:
+    """MIB's summaries of a faithfulness curve (`curve`): ``cpr``, the area under the mean recovered fraction
+    against the share of edges kept (trapezoids over the sizes, from an empty circuit at 0), and ``cmd``, the
+    area under its distance from 1. A circuit that keeps everything at every size has cpr 1 and cmd 0."""
+    share = torch.tensor([0.0] + [n / result.meta["total"] for n in result.meta["edges"]])
+    mean = torch.cat([torch.zeros(1), result.values.float().nanmean(0)])  # the empty circuit: 0 (patch)
+    order = share.argsort()
+    share, mean = share[order], mean[order]
+    return {"cpr": float(torch.trapezoid(mean, share)), "cmd": float(torch.trapezoid((1 - mean).abs(), share))}
 
 
 def by_edge_attribution(model, clean, corrupted, answer, distractor, sizes=None, **options) -> list[Circuit]:

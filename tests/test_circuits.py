@@ -148,6 +148,10 @@ def test_the_ioi_circuit_of_tiny_ioi():
         warnings.simplefilter("ignore")
         curve = circuits.curve(model, *pairs(1), scores=scores, sizes=[total // 10, total])
     assert curve.values.mean(0)[0] >= 0.9 and curve.values.mean(0)[1] == pytest.approx(1.0, abs=1e-4)
+    shares, means = [0.0, 0.1 * (total // 10) / (total / 10), 1.0], [0.0, *curve.values.mean(0).tolist()]
+    assert curve.meta["cpr"] == pytest.approx(float(torch.trapezoid(torch.tensor(means), torch.tensor(shares))))
+    assert curve.meta["cmd"] == pytest.approx(float(torch.trapezoid((1 - torch.tensor(means)).abs(),
+                                                                    torch.tensor(shares))))
     circuit = circuits.top_edges(scores, total // 10)
     heads = {w for w, _ in circuit.edges if w.startswith("L")}
     assert {"L0H2", "L1H0", "L1H1", "L1H2", "L1H3"} <= heads
