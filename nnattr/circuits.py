@@ -97,14 +97,23 @@ class Circuit:
         return f"Circuit({self.name or 'edges'}: {len(self)} of {self.total})"
 
 
+def _layer(label: str, last: int) -> int:
+    """A writer's or reader's layer: the embeddings -1, the logits ``last`` (after every layer)."""
+    if label == "logits":
+        return last
+    return -1 if not label.startswith("L") else int(label[1:].split("H")[0].split("K")[0].split(" ")[0])
+
+
+def _kv_group(readers_: list[str]) -> int:
+    """Query heads per kv head, from a result's reader labels."""
+    return max(1, sum(r.endswith(" q") for r in readers_) // max(1, sum(r.endswith(" k") for r in readers_)))
+
+
 def upstream(a: Arch) -> torch.Tensor:
     """``[writer, reader]`` bool: where an edge runs (the pattern of an edge attribution's non-NaN entries)."""
-    def layer(label: str, last: int) -> int:
-        return last if label == "logits" else -1 if not label.startswith("L") else int(label[1:].split("H")[0]
-                                                                                          .split("K")[0].split(" ")[0])
     W, R = writers(a), readers(a)
-    lw = torch.tensor([layer(w, a.n_layers) for w in W])[:, None]
-    lr = torch.tensor([layer(r, a.n_layers) for r in R])[None, :]
+    lw = torch.tensor([_layer(w, a.n_layers) for w in W])[:, None]
+    lr = torch.tensor([_layer(r, a.n_layers) for r in R])[None, :]
     heads = torch.tensor(["MLP" not in w and w.startswith("L") for w in W])[:, None]
     mlp_reader = torch.tensor([r.endswith("MLP") for r in R])[None, :]
     return (lw < lr) | ((lw == lr) & heads & mlp_reader & (not a.parallel))
@@ -147,7 +156,7 @@ def greedy(scores: Attribution, n: int, *, absolute: bool = True) -> Circuit:
     """``n`` edges built up from the logits: each step adds the largest-scoring edge (by magnitude,
     averaged over the pairs) into a component already in the circuit, so the circuit stays connected."""
     values, W, R = _mean_scores(scores)
-    group = max(1, sum(r.endswith(" q") for r in R) // max(1, sum(r.endswith(" k") for r in R)))
+    group = _kv_group(R)
     key = (values.abs() if absolute else values).nan_to_num(-float("inf"))
     reached, edges = {"logits"}, set()
     total = int((~values.isnan()).sum())

@@ -583,6 +583,8 @@ def plot_circuit(circuit, scores=None, ax=None, *, title: str | None = None) -> 
     With ``scores`` (an edge attribution result) a line's width is its mean |score| and its colour its sign."""
     import matplotlib.lines as mlines
 
+    from .circuits import _component, _kv_group, _layer
+
     if not circuit.edges:
         raise ValueError("the circuit has no edges to draw")
     values = None
@@ -590,16 +592,13 @@ def plot_circuit(circuit, scores=None, ax=None, *, title: str | None = None) -> 
         v = scores.values.nanmean(0) if scores.values.ndim == 3 else scores.values
         W, R = scores.labels["writer"], scores.labels["reader"]
         values = {(w, r): float(v[W.index(w), R.index(r)]) for w, r in circuit.edges}
-    last = max([_layer_of(n) for e in circuit.edges for n in e if n != "logits"]) + 1  # the logits' column
+    last = max([_layer(n, 0) for e in circuit.edges for n in e if n != "logits"]) + 1  # the logits' column
     heads = max([int(n.split("H")[1].split(" ")[0]) for e in circuit.edges for n in e if "H" in n and
                  n.startswith("L") and "KV" not in n] + [0]) + 1
-    group = 1
-    if any("KV" in r for _, r in circuit.edges) and scores is not None:
-        R = scores.labels["reader"]
-        group = max(1, sum(r.endswith(" q") for r in R) // max(1, sum(r.endswith(" k") for r in R)))
+    group = _kv_group(scores.labels["reader"]) if scores is not None else 1
 
     def place(node: str) -> tuple[float, float]:
-        layer = last if node == "logits" else _layer_of(node)
+        layer = _layer(node, last)
         if node == "logits" or not node.startswith("L"):
             return layer, (heads - 1) / 2 + (0.5 if node == "pos_embed" else 0)
         return layer, heads if node.endswith("MLP") else float(node.split("H")[1].split(" ")[0])
@@ -609,7 +608,7 @@ def plot_circuit(circuit, scores=None, ax=None, *, title: str | None = None) -> 
     biggest = max([abs(x) for x in (values or {}).values()] + [1e-12])
     for w, r in sorted(circuit.edges):
         kind = r.split(" ")[1] if " " in r and not r.endswith("MLP") else "q"
-        targets = [r] if r == "logits" or r.endswith("MLP") else _sharing(r, group)
+        targets = _component(r, group)
         for t in targets:
             (x0, y0), (x1, y1) = place(w), place(t)
             y1 += {"q": 0.0, "k": 0.18, "v": -0.18}[kind] if " " in r and not r.endswith("MLP") else 0.0  # apart
@@ -617,12 +616,11 @@ def plot_circuit(circuit, scores=None, ax=None, *, title: str | None = None) -> 
             colour = "0.35" if score is None else ("#b2182b" if score > 0 else "#2166ac")
             width = 1.2 if score is None else 0.6 + 4.0 * abs(score) / biggest
             ax.plot([x0, x1], [y0, y1], linestyle=style[kind], color=colour, linewidth=width, alpha=0.8, zorder=1)
-    nodes = {n for e in circuit.edges for n in ([e[0]] + ([e[1]] if e[1] == "logits" or e[1].endswith("MLP")
-                                                         else _sharing(e[1], group)))}
+    nodes = {n for w, r in circuit.edges for n in [w, *_component(r, group)]}
     for node in nodes:
         x, y = place(node)
         ax.scatter([x], [y], s=260, color="white", edgecolor="0.2", zorder=2)
-        label = node if not node.startswith("L") else node.split(" ")[0][len(f"L{_layer_of(node)}"):] or node
+        label = node if not node.startswith("L") else node.split(" ")[0][len(f"L{_layer(node, last)}"):] or node
         ax.annotate("MLP" if node.endswith("MLP") else label, (x, y), ha="center", va="center", fontsize=7, zorder=3)
     ax.set_xticks(range(-1, last + 1), ["embed"] + [f"L{i}" for i in range(last)] + ["logits"])
     ax.set_yticks([])
@@ -635,18 +633,6 @@ def plot_circuit(circuit, scores=None, ax=None, *, title: str | None = None) -> 
     ax.legend(handles=handles, loc="upper left", fontsize=7, frameon=False, ncol=3, bbox_to_anchor=(0, 1.08))
     _title(ax, title or f"{circuit!r}" + ("" if values is None else ": line width |mean score|, red raises the metric"))
     return fig
-
-
-def _layer_of(node: str) -> int:
-    return -1 if not node.startswith("L") else int(node[1:].split("H")[0].split("K")[0].split(" ")[0])
-
-
-def _sharing(reader: str, group: int) -> list[str]:
-    """The heads whose component a query, key or value reader belongs to (a kv head: every head sharing it)."""
-    name = reader.split(" ")[0]
-    layer = name[1:].split("KV")[0] if "KV" in name else name[1:].split("H")[0]
-    head = int(name.split("KV")[1] if "KV" in name else name.split("H")[1])
-    return [f"L{layer}H{h}" for h in (range(head * group, (head + 1) * group) if "KV" in name else [head])]
 
 
 def plot_faithfulness(result, ax=None, *, title: str | None = None) -> Figure:

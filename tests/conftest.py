@@ -53,3 +53,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sharp_zoo():
+    """``get(arch) -> (hf, model)``: tests/test_patching.py's tiny model of ``arch`` (every matrix sharpened, so
+    logits are O(1)) and its nnattr model, built once per test module."""
+    import nnattr
+    from tests.support import tiny
+    from tests.test_patching import build
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            hf = build(arch)
+            cache[arch] = hf, nnattr.load(hf, tiny.tokenizer())
+        return cache[arch]
+
+    return get

@@ -22,6 +22,7 @@ from nnattr.kernels import ablation_nodes
 from nnattr.recipes import ablation
 from tests.support import reference as R
 from tests.support import tiny
+from tests.test_patching import build  # the sharpened tiny models (every matrix x10: logits O(1))
 
 try:
     import ndif.services.ray.deployments.modeling.nns  # noqa: F401  (the loopback server's core)
@@ -30,34 +31,11 @@ except ImportError:
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHARPEN = 10.0  # every matrix scaled: logits O(1), so every ablation moves the metric
 TOL = dict(atol=2e-5, rtol=2e-5)
 PROMPTS = tiny.prompts(3, lengths=(5, 7, 4))  # left-padded in one batch
 REFERENCE = tiny.prompts(4, seed=5, lengths=(8, 9, 7, 10))  # no shorter than any prompt: aligned at the last token
 TARGET, DISTRACTOR = ["w5", "w17", "w42"], ["w9", "w3", "w60"]
 FAMILIES = ["gpt2", "llama", "opt", "falcon", "gemma2"]
-
-
-def build(arch: str):
-    hf = tiny.hf_model(arch)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.ndim == 2:
-                p.mul_(SHARPEN)
-    return hf
-
-
-@pytest.fixture(scope="module")
-def zoo():
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            hf = build(arch)
-            cache[arch] = hf, nnattr.load(hf, tiny.tokenizer())
-        return cache[arch]
-
-    return get
 
 
 def sets_for(hf) -> list[list[str]]:
@@ -151,8 +129,8 @@ def hooks_means(hf, names, *, per_position: bool, length: int) -> dict[str, torc
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_zero_mean_and_resample_equal_the_hooks_reference(zoo, arch):
-    hf, model = zoo(arch)
+def test_zero_mean_and_resample_equal_the_hooks_reference(sharp_zoo, arch):
+    hf, model = sharp_zoo(arch)
     sets = sets_for(hf)
     names = sorted({name for s in sets for name in s})
     lengths = [len(p.split()) for p in PROMPTS]
@@ -181,8 +159,8 @@ def test_zero_mean_and_resample_equal_the_hooks_reference(zoo, arch):
     assert_close(resample.values, torch.tensor(want), **TOL)
 
 
-def test_padded_batch_equals_one_prompt_at_a_time_and_draws_are_seeded(zoo):
-    _, model = zoo("gpt2")
+def test_padded_batch_equals_one_prompt_at_a_time_and_draws_are_seeded(sharp_zoo):
+    _, model = sharp_zoo("gpt2")
     sets = [["L0H1", "L1 MLP"], ["pos_embed"], ["L1 attn"]]
     for kwargs in (dict(ablation="zero"), dict(ablation="mean", reference=REFERENCE),
                    dict(ablation="resample", reference=REFERENCE, seed=7)):
@@ -198,8 +176,8 @@ def test_padded_batch_equals_one_prompt_at_a_time_and_draws_are_seeded(zoo):
     assert other.per_prompt["drawn"] != batched.per_prompt["drawn"]
 
 
-def test_mean_over_the_prompt_itself_per_position_changes_nothing(zoo):
-    _, model = zoo("llama")
+def test_mean_over_the_prompt_itself_per_position_changes_nothing(sharp_zoo):
+    _, model = sharp_zoo("llama")
     one = PROMPTS[1]
     every = [list(ablation_nodes(2, 4, ("embed",)))]  # every node at once
     out = ablation.run(model, one, "w5", "w9", node_sets=every + [["L0H1"], ["L1 MLP"]], ablation="mean",
@@ -208,8 +186,8 @@ def test_mean_over_the_prompt_itself_per_position_changes_nothing(zoo):
     assert out.dims == ("prompt", "set") and out.labels["set"][1:] == ["L0H1", "L1 MLP"]
 
 
-def test_node_names_are_the_circuit_writers_and_bad_input_is_refused(zoo):
-    hf, model = zoo("gpt2")
+def test_node_names_are_the_circuit_writers_and_bad_input_is_refused(sharp_zoo):
+    hf, model = sharp_zoo("gpt2")
     a = arch_of(model)
     nodes = ablation_nodes(a.n_layers, a.n_heads, a.embeddings)
     assert set(circuits.writers(a)) <= set(nodes) and set(nodes) - set(circuits.writers(a)) == {"L0 attn", "L1 attn"}
@@ -234,8 +212,8 @@ def test_node_names_are_the_circuit_writers_and_bad_input_is_refused(zoo):
     assert short.values.isfinite().all()
 
 
-def test_custom_metric(zoo):
-    _, model = zoo("gpt2")
+def test_custom_metric(sharp_zoo):
+    _, model = sharp_zoo("gpt2")
     t, d = [tiny.tokenizer().convert_tokens_to_ids(w) for w in ("w5", "w9")]
     custom = ablation.run(model, PROMPTS, node_sets=[["L0H1"], []],
                           metric=lambda logits: logits[:, -1, t] - logits[:, -1, d])

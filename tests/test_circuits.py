@@ -23,23 +23,9 @@ from nnattr.recipes import edge_attribution_patching as eap
 from tests.support import edges_reference as er
 from tests.support import tiny
 from tests.test_edges import ANSWER, CLEAN, CORRUPTED, DISTRACTOR, ids, tokens
-from tests.test_patching import build
 
 torch.set_num_threads(1)
 EXACT = [a for a in tiny.ARCHS if nnattr.arch.arch_of(tiny.CONFIGS[a]()).head_exact]
-
-
-@pytest.fixture(scope="module")
-def zoo():
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            hf = build(arch)
-            cache[arch] = hf, nnattr.load(hf, tiny.tokenizer())
-        return cache[arch]
-
-    return get
 
 
 def edges_of(model):
@@ -48,8 +34,8 @@ def edges_of(model):
 
 
 @pytest.mark.parametrize("arch", EXACT)
-def test_every_edge_is_the_clean_run_and_none_the_corrupted_one(zoo, arch):
-    _, model = zoo(arch)
+def test_every_edge_is_the_clean_run_and_none_the_corrupted_one(sharp_zoo, arch):
+    _, model = sharp_zoo(arch)
     scores, total = edges_of(model)
     every, none = circuits.top_edges(scores, total), circuits.top_edges(scores, 0)
     result = cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=[every, none])
@@ -60,8 +46,8 @@ def test_every_edge_is_the_clean_run_and_none_the_corrupted_one(zoo, arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "gptj", "falcon_new", "phi3", "gpt_neox", "qwen2_moe"])
 @pytest.mark.parametrize("ablation", ["patch", "zero"])
-def test_a_circuit_matches_the_edge_ablated_reference(zoo, arch, ablation):
-    hf, model = zoo(arch)
+def test_a_circuit_matches_the_edge_ablated_reference(sharp_zoo, arch, ablation):
+    hf, model = sharp_zoo(arch)
     scores, total = edges_of(model)
     kept = [circuits.greedy(scores, total // 4), circuits.top_edges(scores, total // 3)]
     result = cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=kept, ablation=ablation)
@@ -75,8 +61,8 @@ def test_a_circuit_matches_the_edge_ablated_reference(zoo, arch, ablation):
     assert result.meta == {"ablation": ablation, "edges": [len(c) for c in kept], "total": total}
 
 
-def test_top_edges_and_greedy(zoo):
-    _, model = zoo("llama")
+def test_top_edges_and_greedy(sharp_zoo):
+    _, model = sharp_zoo("llama")
     scores, total = edges_of(model)
     mean = scores.values.nanmean(0)
     top = circuits.top_edges(scores, 5)
@@ -104,15 +90,15 @@ def test_top_edges_and_greedy(zoo):
 
 
 @pytest.mark.parametrize("arch", [a for a in tiny.ARCHS if a not in EXACT])
-def test_refused_where_head_edges_are_not_exact(zoo, arch):
-    _, model = zoo(arch)
+def test_refused_where_head_edges_are_not_exact(sharp_zoo, arch):
+    _, model = sharp_zoo(arch)
     scores, total = edges_of(model)
     with pytest.raises(ValueError, match="is not exact on .*each attention output passes through its own norm"):
         cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=circuits.top_edges(scores, 3))
 
 
-def test_bad_options_are_refused(zoo):
-    _, model = zoo("gpt2")
+def test_bad_options_are_refused(sharp_zoo):
+    _, model = sharp_zoo("gpt2")
     with pytest.raises(ValueError, match="ablation='mean'"):
         cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, edges=3, ablation="mean")
     with pytest.raises(ValueError, match="a circuit's edges are \\(writer, reader\\) name pairs"):

@@ -21,26 +21,12 @@ from nnattr.recipes import attribution_patching, edge_attribution_patching as ea
 from tests.support import edges_reference as er
 from tests.support import reference as ref
 from tests.support import tiny
-from tests.test_patching import build
 
 torch.set_num_threads(1)
 
 CLEAN, CORRUPTED = tiny.prompts(2, lengths=(5,)), tiny.prompts(2, seed=3, lengths=(5,))
 ANSWER, DISTRACTOR = ["w7", "w8"], ["w8", "w9"]
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def zoo():
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            hf = build(arch)
-            cache[arch] = hf, nnattr.load(hf, tiny.tokenizer())
-        return cache[arch]
-
-    return get
 
 
 def ids(prompts) -> torch.Tensor:
@@ -67,8 +53,8 @@ def compare(result, want: dict, a) -> float:
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)
-def test_matches_the_slow_reference(zoo, arch, record_property):
-    hf, model = zoo(arch)
+def test_matches_the_slow_reference(sharp_zoo, arch, record_property):
+    hf, model = sharp_zoo(arch)
     result = eap.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)
     want = er.edge_scores(hf, arch, ids(CLEAN), ids(CORRUPTED), tokens(ANSWER), tokens(DISTRACTOR))
     assert compare(result, want, nnattr.arch.arch_of(model)) < TOL
@@ -80,8 +66,8 @@ def test_matches_the_slow_reference(zoo, arch, record_property):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "falcon_new"])
-def test_integrated_gradients_match_the_slow_reference(zoo, arch):
-    hf, model = zoo(arch)
+def test_integrated_gradients_match_the_slow_reference(sharp_zoo, arch):
+    hf, model = sharp_zoo(arch)
     result = eap.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, method="ig", steps=3)
     want = er.edge_scores(hf, arch, ids(CLEAN), ids(CORRUPTED), tokens(ANSWER), tokens(DISTRACTOR), steps=3)
     assert compare(result, want, nnattr.arch.arch_of(model)) < TOL
@@ -89,10 +75,10 @@ def test_integrated_gradients_match_the_slow_reference(zoo, arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gptj", "phi3"])
-def test_edges_into_a_reader_sum_to_node_atp_at_its_input(zoo, arch):
+def test_edges_into_a_reader_sum_to_node_atp_at_its_input(sharp_zoo, arch):
     """sum over writers of score(w -> r) = (x_r clean - x_r corrupted) . d m / d x_r: the writers are
     the whole residual stream the reader reads (biases cancel in the difference)."""
-    hf, model = zoo(arch)
+    hf, model = sharp_zoo(arch)
     result = eap.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)
     grads = er.reader_gradients(hf, arch, ids(CORRUPTED), None, tokens(ANSWER), tokens(DISTRACTOR))
     nat, read = ref.native(hf), er.READ[arch]
@@ -113,8 +99,8 @@ def test_edges_into_a_reader_sum_to_node_atp_at_its_input(zoo, arch):
         assert torch.allclose(result.values[:, :, j].nansum(1).double(), node, atol=TOL), reader
 
 
-def test_a_padded_batch_equals_its_pairs_alone(zoo):
-    hf, model = zoo("llama")
+def test_a_padded_batch_equals_its_pairs_alone(sharp_zoo):
+    hf, model = sharp_zoo("llama")
     clean, corrupted = tiny.prompts(3, lengths=(5, 7, 4)), tiny.prompts(3, seed=4, lengths=(6, 7, 3))
     answer, distractor = ["w7", "w8", "w9"], ["w8", "w9", "w10"]
     with warnings.catch_warnings():
@@ -125,8 +111,8 @@ def test_a_padded_batch_equals_its_pairs_alone(zoo):
             torch.testing.assert_close(batch.values[i], alone.values[0], atol=1e-5, rtol=1e-4, equal_nan=True)
 
 
-def test_top_k_returns_each_pairs_largest_edges_only(zoo):
-    _, model = zoo("gpt2")
+def test_top_k_returns_each_pairs_largest_edges_only(sharp_zoo):
+    _, model = sharp_zoo("gpt2")
     full = eap.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)
     top = eap.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, top_k=5)
     for i in range(len(CLEAN)):
@@ -138,11 +124,11 @@ def test_top_k_returns_each_pairs_largest_edges_only(zoo):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "gpt_neox"])
-def test_edges_out_of_a_writer_sum_to_its_node_in_attribution_patching(zoo, arch):
+def test_edges_out_of_a_writer_sum_to_its_node_in_attribution_patching(sharp_zoo, arch):
     """sum over readers of score(w -> r) = (w clean - w corrupted) . d m / d w: the stream after a writer
     flows only into later readers, so their gradients sum to the writer's. Checked against
     attribution_patching's head and MLP nodes, computed another way (one gradient per node)."""
-    _, model = zoo(arch)
+    _, model = sharp_zoo(arch)
     edges = eap.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)
     nodes = attribution_patching.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, nodes=("head", "mlp"))
     out_of = edges.values.nansum(2)  # [pair, writer]
@@ -162,8 +148,8 @@ def test_labels_name_writers_and_readers():
     assert circuits.readers(a)[-1] == "logits"
 
 
-def test_bad_options_are_refused(zoo):
-    _, model = zoo("gpt2")
+def test_bad_options_are_refused(sharp_zoo):
+    _, model = sharp_zoo("gpt2")
     with pytest.raises(ValueError, match="method='atp', steps=3"):
         eap.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, steps=3)
     with pytest.raises(ValueError, match="top_k"):
