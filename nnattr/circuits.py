@@ -33,11 +33,11 @@ def readers(a: Arch) -> list[str]:
     return [r for i in range(a.n_layers) for r in per_layer(i)] + ["logits"]
 
 
-def edge_result(p: Pairs, out: dict, *, method: str, steps: int, top_k: int | None, title: str,
-                units: str) -> Attribution:
-    """The ``[prompt, writer, reader]`` result of `recipes.edge_attribution_patching`'s trace output:
-    ``out["scores"]``: the scores, or with ``top_k`` each pair's largest values, at ``out["index"]`` ``[pair, k, 2]``
-    (the rest NaN)."""
+def edge_result(p: Pairs, out: dict, *, method: str, steps: int, top_k: int | None, title: str, units: str,
+                recipe: str = "edge_attribution_patching", meta: dict | None = None) -> Attribution:
+    """The ``[prompt, writer, reader]`` result of an edge recipe's trace output (`recipes.edge_attribution_patching`,
+    `recipes.edge_atp_star`): ``out["scores"]``: the scores, or with ``top_k`` each pair's largest values, at
+    ``out["index"]`` ``[pair, k, 2]`` (the rest NaN)."""
     a, metric = p.arch, out["metric"]  # [pair, clean / corrupted]
     p.check_metrics(metric.T, recovery=False)
     labels = {"prompt": list(p.clean.labels), "writer": writers(a), "reader": readers(a)}
@@ -46,7 +46,8 @@ def edge_result(p: Pairs, out: dict, *, method: str, steps: int, top_k: int | No
         scores = torch.full((len(p), len(labels["writer"]), len(labels["reader"])), float("nan"))
         for i, (values, index) in enumerate(zip(out["scores"], out["index"])):
             scores[i, index[:, 0], index[:, 1]] = values
-    meta = {"method": method, **({"steps": steps} if steps else {}), **({"top_k": top_k} if top_k else {})}
+    meta = {"method": method, **({"steps": steps} if steps else {}), **({"top_k": top_k} if top_k else {}),
+            **(meta or {})}
     if not a.head_exact:
         rows = "the mean over the path" if steps else "the corrupted run"
         meta["heads"] = (f"{a.family}'s heads pass a norm after attention: their changes are taken through its scale "
@@ -56,7 +57,7 @@ def edge_result(p: Pairs, out: dict, *, method: str, steps: int, top_k: int | No
     for role in ("target", "distractor"):
         if getattr(p.clean, role) is not None:
             per_prompt["answer" if role == "target" else role] = p.clean.decode(getattr(p.clean, role))
-    return Attribution(scores, ("prompt", "writer", "reader"), labels, method="edge_attribution_patching", by="edge",
+    return Attribution(scores, ("prompt", "writer", "reader"), labels, method=recipe, by="edge",
                        units=units, title=title, meta=meta, per_prompt=per_prompt, tokens=p.corrupted.tokens,
                        metric=p.clean.metric() if p.metric is None else "custom metric")
 

@@ -16,7 +16,8 @@ from torch.testing import assert_close
 
 import nnattr
 from nnattr import kernels as K
-from nnattr.recipes import activation_patching, atp_star, attribution_patching, edge_attribution_patching
+from nnattr.recipes import (activation_patching, atp_star, attribution_patching, edge_atp_star,
+                            edge_attribution_patching)
 from nnattr.pairs import NODES
 from nnattr.validation import ApproximationWarning, compare, metric_effect, spearman
 from tests.support import tiny
@@ -498,7 +499,10 @@ if ndif is not None:
     (edge_attribution_patching, dict(top_k=10)),  # only each pair's largest edges come back
     (atp_star, dict()),  # the QK fix: q, k, v read at the attention interface (sdpa here)
     (atp_star, dict(grad_drop=True)),  # GradDrop: one backward per layer, same request
-], ids=["atp", "ig", "exact", "exact-session", "edges", "edges-ig", "edges-top", "atp-star", "atp-star-gd"])
+    (edge_atp_star, dict()),  # the QK fix on edges: forward-mode products through the graph, on the server
+    (edge_atp_star, dict(grad_drop=True)),
+], ids=["atp", "ig", "exact", "exact-session", "edges", "edges-ig", "edges-top", "atp-star", "atp-star-gd",
+        "edge-atp-star", "edge-atp-star-gd"])
 def test_remote_equals_local_in_one_request(server, recipe, kwargs):
     local = recipe.run(REMOTE_CLIENT, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, **kwargs)
     before = len(server.requests)

@@ -7,7 +7,7 @@ the additive (or boolean) mask ``[batch, 1 | head, query, key]`` the interface r
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -24,7 +24,11 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, *, scaling: float) -> torch.Tensor:
     """Pre-softmax scores ``[batch, head, query, key]`` (float32), masked as eager attention masks them
     (None: causal; boolean: True keeps)."""
-    s = q.float() @ _heads(k, q.shape[1]).transpose(-1, -2) * scaling
+    return _masked(q.float() @ _heads(k, q.shape[1]).transpose(-1, -2) * scaling, mask)
+
+
+def _masked(s: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scores ``[..., query, key]`` with the attention mask applied (see `attention_scores`)."""
     if mask is None:
         mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(s.shape[-1] - s.shape[-2])
     if mask.dtype == torch.bool:
@@ -71,21 +75,82 @@ def qk_fix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_clean: torch.Ten
     return torch.stack([query, key, value])
 
 
+def qk_edges(deltas: Iterable[torch.Tensor], stream: torch.Tensor, norm_weight: torch.Tensor | None,
+             y: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+             scaling: float | None, grads_z: Sequence[torch.Tensor], *, norm: str = "layernorm", eps: float = 0.0,
+             weight_offset: float = 0.0, **_) -> torch.Tensor:
+    """The QK fix on edges into one layer's queries and keys: ``[run, n, writer, head + kv_head]`` (each query
+    head's query, then each kv head's key; one run per gradient in ``grads_z``).
+
+    Writer ``w``'s edge into head ``h``'s query moves the stream that query reads by ``delta_w``: the pre-norm is
+    recomputed exactly (``norm(x + delta_w) - norm(x)``), the query projection with its rotary embedding and any
+    QK-norm to first order (a forward-mode product through the graph from ``y`` to ``q``), and the softmax exactly:
+    ``sum_t g[t] . (softmax(S[t] + scaling * dq[t] . k) - A[t])``, ``g = d m / d A = grad_z . v`` (`qk_fix`), all
+    positions of the edge patched at once. An edge into a kv head's key moves every query head it serves.
+
+    deltas: the writers' changes ``[n, pos, writer, d_model]``, one block at a time (`writer_deltas`); stream:
+    ``[n, pos, d_model]`` what the layer's attention reads through its pre-norm (``norm_weight``; None: none);
+    y: the projections' input, in the graph; q ``[n, head, pos, d]``, k ``[n, kv_head, pos, d]``: as the attention
+    interface receives them, in the graph from ``y``; v, mask, scaling: the interface's (None: ``d ** -0.5``);
+    grads_z: the output projection input's gradient ``[n, pos, head * d]`` per run (GradDrop: one per dropped layer).
+    """
+    n, h, t, d = q.shape
+    scaling = d ** -0.5 if scaling is None else scaling
+    q0, k0 = q.detach().float(), _heads(k.detach(), h)
+    raw = q0 @ k0.transpose(-1, -2) * scaling  # [n, head, query, key], before the mask
+    a, vx = _masked(raw, mask).softmax(-1), _heads(v, h)
+    gs = [g.float().reshape(n, t, h, d).transpose(1, 2) @ vx.transpose(-1, -2) for g in grads_z]  # d m / d A
+    x, out = stream.detach().float()[:, :, None], []
+    base = x if norm_weight is None else _normed(x, norm_weight, norm=norm, eps=eps, weight_offset=weight_offset)
+    for block in deltas:  # [n, pos, writer, d_model]
+        moved = x + block.float()
+        dy = (moved if norm_weight is None else _normed(moved, norm_weight, norm=norm, eps=eps,
+                                                          weight_offset=weight_offset)) - base
+        dq, dk = (_forward_product(out_, y, dy.movedim(2, 0).to(y.dtype)).float() for out_ in (q, k))
+        dk = _heads(dk.flatten(0, 1), h).unflatten(0, dk.shape[:2])  # [writer, n, head, pos, d]
+        rows = _masked(raw + dq @ k0.transpose(-1, -2) * scaling, mask).softmax(-1) - a  # [writer, n, head, t, s]
+        cols = _masked(raw + q0 @ dk.transpose(-1, -2) * scaling, mask).softmax(-1) - a
+        key = [(cols * g).sum((-1, -2)).unflatten(-1, (k.shape[1], -1)).sum(-1) for g in gs]  # per kv head
+        out.append(torch.stack([torch.cat([(rows * g).sum((-1, -2)), kk], -1) for g, kk in zip(gs, key)]))
+    return torch.cat(out, 1).transpose(1, 2)  # [run, writer, n, reader] -> [run, n, writer, reader]
+
+
+def _normed(x: torch.Tensor, weight: torch.Tensor, *, norm: str, eps: float, weight_offset: float) -> torch.Tensor:
+    """LayerNorm or RMSNorm of ``x`` times ``(offset + weight)`` (no bias: it cancels in a difference)."""
+    centred = x - x.mean(-1, keepdim=True) if norm == "layernorm" else x
+    return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + weight_offset)
+
+
+def _forward_product(out: torch.Tensor, inp: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+    """``J tangents[i]`` for each ``i``, ``J = d out / d inp`` in the autograd graph (``[m, *inp.shape] ->
+    [m, *out.shape]``): the transpose of a vector-Jacobian product, batched."""
+    u = torch.zeros_like(out, requires_grad=True)
+    (vjp,) = torch.autograd.grad(out, inp, u, create_graph=True)
+    return torch.autograd.grad(vjp, u, tangents, is_grads_batched=True, retain_graph=True)[0]
+
+
 def dropped_gradients(total: torch.Tensor, acts: Sequence[torch.Tensor], writes: Sequence[torch.Tensor],
-                      outputs: Sequence[torch.Tensor], *, grad_drop: bool = True) -> list[list[torch.Tensor]]:
-    """``d total / d acts[j]`` (``acts[j]`` read in layer ``j``), then with GradDrop one list per layer ``l``: the
-    same with the gradient through layer ``l``'s residual-stream contribution dropped (unchanged for ``j > l``;
-    zero for ``j == l``). ``writes[l]``: layer ``l``'s contribution (its output minus its input, in the graph);
-    ``outputs[l]``: its output. The paths through layer ``l`` are ``J^T (d total / d outputs[l])``: one backward
-    that starts at layer ``l`` and runs down, subtracted from the total gradient."""
+                      outputs: Sequence[torch.Tensor], *, grad_drop: bool = True, layers: Sequence[int] | None = None,
+                      retain_graph: bool = False) -> list[list[torch.Tensor]]:
+    """``d total / d acts[j]`` (``acts[j]`` read in layer ``layers[j]``, default ``j``), then with GradDrop one list
+    per layer ``l``: the same with the gradient through layer ``l``'s residual-stream contribution dropped
+    (unchanged for acts read after ``l``; zero for those read in ``l``). ``writes[l]``: layer ``l``'s contribution
+    (its output minus its input, in the graph); ``outputs[l]``: its output. The paths through layer ``l`` are
+    ``J^T (d total / d outputs[l])``: one backward that starts at layer ``l`` and runs down, subtracted from the
+    total gradient. ``retain_graph``: keep the graph for later products."""
     if not total.requires_grad:
         gradients(total, acts)  # refuses, saying why no graph reaches the metric
-    grads = torch.autograd.grad(total, [*acts, *outputs], retain_graph=grad_drop)
+    layers = list(range(len(acts))) if layers is None else list(layers)
+    grads = torch.autograd.grad(total, [*acts, *outputs], retain_graph=grad_drop or retain_graph)
     plain, after, runs = list(grads[: len(acts)]), grads[len(acts):], []
     for i, (write, g_after) in enumerate(zip(writes, after) if grad_drop else []):
-        via = torch.autograd.grad(write, list(acts[: i + 1]), grad_outputs=g_after, retain_graph=True,
-                                  allow_unused=True)
-        runs.append([g - (torch.zeros_like(g) if p is None else p) for g, p in zip(plain, via)] + plain[i + 1:])
+        below = [j for j, layer in enumerate(layers) if layer <= i]
+        via = torch.autograd.grad(write, [acts[j] for j in below], grad_outputs=g_after,
+                                  retain_graph=retain_graph or i < len(writes) - 1, allow_unused=True)
+        dropped = list(plain)
+        for j, p in zip(below, via):
+            dropped[j] = plain[j] - (torch.zeros_like(plain[j]) if p is None else p)
+        runs.append(dropped)
     return [plain] + runs
 
 

@@ -211,18 +211,33 @@ def edges_into(grads: torch.Tensor, embeds: torch.Tensor, z: list[torch.Tensor],
         flat = deltas.detach().float().flatten(0, 1) @ g.detach().float().flatten(0, 1).transpose(1, 2)
         return flat.unflatten(0, deltas.shape[:2]).sum(1)  # [n, w, r]
 
-    blocks = [product(embeds, grads)]
-    for i in range(len(z)):
+    blocks, deltas = [], writer_deltas(embeds, z, mlps, W_O=W_O, n_heads=n_heads, conv1d=conv1d, upto=layer,
+                                       post=post, **norm)
+    blocks.append(product(next(deltas), grads))
+    for writes in deltas:  # the writer layers before this one: [n, pos, head + 1, d_model]
+        blocks.append(product(writes, grads))
+    for i in range(min(layer, len(z)), len(z)):
         block = torch.full((grads.shape[0], n_heads + 1, grads.shape[2]), float("nan"), device=grads.device)
-        if i < layer or (i == layer and not parallel):
-            W = rearrange(W_O[i] if conv1d else W_O[i].T, "(head e) d -> head e d", head=n_heads)  # per head
+        if i == layer and not parallel:  # this layer's heads into this layer's MLP (the last reader)
+            W = rearrange(W_O[i] if conv1d else W_O[i].T, "(head e) d -> head e d", head=n_heads)
             heads = head_deltas(z[i], W, None if post is None else post[i], **norm)  # [n, pos, head, d_model]
-            if i < layer:
-                block = product(torch.cat([heads, mlps[i][:, :, None]], 2), grads)
-            else:  # this layer's heads into this layer's MLP (the last reader)
-                block[:, :-1, -1:] = product(heads, grads[:, :, -1:])
+            block[:, :-1, -1:] = product(heads, grads[:, :, -1:])
         blocks.append(block)
     return torch.cat(blocks, 1)
+
+
+def writer_deltas(embeds: torch.Tensor, z: list[torch.Tensor], mlps: list[torch.Tensor], *, W_O: list[torch.Tensor],
+                  n_heads: int, upto: int, conv1d: bool = False,
+                  post: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None, **norm):
+    """The writers' changes one block at a time (a generator, so no ``[n, pos, writer, d_model]`` buffer is held):
+    the embeddings ``[n, pos, embedding, d_model]``, then for each layer before ``upto`` its heads and its MLP
+    ``[n, pos, head + 1, d_model]``. Arguments as `edges_into`'s."""
+    norm = {key: norm[key] for key in ("norm", "eps", "weight_offset") if key in norm}
+    yield embeds
+    for i in range(min(upto, len(z))):
+        W = rearrange(W_O[i] if conv1d else W_O[i].T, "(head e) d -> head e d", head=n_heads)  # per head
+        heads = head_deltas(z[i], W, None if post is None else post[i], **norm)  # [n, pos, head, d_model]
+        yield torch.cat([heads, mlps[i][:, :, None].float()], 2)
 
 
 def top_edges(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ not taken from nnattr.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -162,11 +163,11 @@ def reader_gradients(hf, key: str, input_ids, attention_mask, answer, distractor
         if shift is not None:
             return metric.detach()
         labels = list(eps)
-        grads = torch.autograd.grad(metric.sum(), [eps[k] for k in labels])
+        grads = torch.autograd.grad(metric.sum(), [eps[k] for k in labels], allow_unused=True)  # GradDrop: unused
     finally:
         for h in hooks:
             h.remove()
-    return dict(zip(labels, grads))
+    return {k: torch.zeros_like(eps[k]) if g is None else g for k, g in zip(labels, grads)}
 
 
 def writer_outputs(hf, key: str, input_ids, attention_mask, post_scale=None) -> dict[str, torch.Tensor]:
@@ -209,18 +210,26 @@ def post_scales(hf, key: str, post_inputs: list[torch.Tensor]) -> list[torch.Ten
     return out
 
 
-def edge_scores(hf, key: str, clean: torch.Tensor, corrupted: torch.Tensor, answer, distractor, *, steps: int = 0):
-    """``{(writer, reader): [pair]}`` for every edge, on pairs of equal length (no padding):
-    AtP (``steps=0``) or EAP-IG with ``steps`` midpoints between the corrupted and clean token embeddings."""
+def deltas(hf, key: str, clean: torch.Tensor, corrupted: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{writer: [pair, pos, d_model]}``: each writer's clean - corrupted output (heads through a norm after
+    attention at its scale on the corrupted run, frozen)."""
     was, now = writer_outputs(hf, key, clean, None), writer_outputs(hf, key, corrupted, None)
     if READ[key].post_attn:  # heads through the norm after attention, at its scale on the corrupted run, frozen
-        layers = range(len(ref.blocks(hf)))
-        if steps:  # measured on the path's rows (their mean), as the gradient is
-            raise NotImplementedError("the reference's post-norm scale along an IG path")
-        scale = post_scales(hf, key, [now[f"post{i}"] for i in layers])
+        scale = post_scales(hf, key, [now[f"post{i}"] for i in range(len(ref.blocks(hf)))])
         was = {**was, **writer_outputs(hf, key, clean, None, post_scale=scale)}
         now = {**now, **writer_outputs(hf, key, corrupted, None, post_scale=scale)}
-        was, now = ({k: v for k, v in d.items() if not k.startswith("post")} for d in (was, now))
+    return {w: was[w] - now[w] for w in was if not w.startswith("post")}
+
+
+def edge_scores(hf, key: str, clean: torch.Tensor, corrupted: torch.Tensor, answer, distractor, *, steps: int = 0,
+                hooks=None):
+    """``{(writer, reader): [pair]}`` for every edge, on pairs of equal length (no padding):
+    AtP (``steps=0``) or EAP-IG with ``steps`` midpoints between the corrupted and clean token embeddings.
+    ``hooks``: a function returning hooks to hold during the backward's forward (GradDrop's detached block)."""
+    if READ[key].post_attn and steps:  # measured on the path's rows (their mean), as the gradient is
+        raise NotImplementedError("the reference's post-norm scale along an IG path")
+    change = deltas(hf, key, clean, corrupted)
+    was, now = writer_outputs(hf, key, clean, None), writer_outputs(hf, key, corrupted, None)
     if steps:
         grads = {}
         for s in range(steps):
@@ -229,12 +238,13 @@ def edge_scores(hf, key: str, clean: torch.Tensor, corrupted: torch.Tensor, answ
                                  embeds=now["embed0"] + alpha * (was["embed0"] - now["embed0"]))
             grads = {k: grads.get(k, 0) + v / steps for k, v in g.items()}
     else:
-        grads = reader_gradients(hf, key, corrupted, None, answer, distractor)
+        grads = reader_gradients(hf, key, corrupted, None, answer, distractor, hooks=hooks() if hooks else None)
+
     def layer(label: str) -> int:  # "L3H1", "L3 MLP", "L3KV0 k"; the logits after the last layer
         return len(ref.blocks(hf)) if label == "logits" else int(label[1:].split("H")[0].split("K")[0].split(" ")[0])
 
     out = {}
-    for w, d in ((w, was[w] - now[w]) for w in was):
+    for w, d in change.items():
         for r, g in grads.items():
             lw, lr = (-1 if w.startswith("embed") else layer(w)), layer(r)
             mlp_reads_heads = lw == lr and r.endswith("MLP") and not w.endswith("MLP") and not READ[key].parallel
@@ -286,3 +296,116 @@ def edge_ablated_metric(hf, key: str, clean, corrupted, answer, distractor, keep
         return torch.zeros(clean.shape[0], clean.shape[1], hf.config.hidden_size) + out
 
     return reader_gradients(hf, key, clean, None, answer, distractor, shift=shift, hooks=hooks)
+
+
+class _Stop(Exception):
+    """Raised to end a forward once the layer of interest has computed its queries and keys."""
+
+
+def _attention_calls(hf, on_call):
+    """Wrap the family's eager attention function; ``on_call(i, q, k, v, mask, scaling, weights)`` per call."""
+    mod = importlib.import_module(type(hf).__module__)
+    original, count = mod.eager_attention_forward, [0]
+
+    def wrapped(module, q, k, v, m, scaling=None, dropout=0.0, **kw):
+        out, w = original(module, q, k, v, m, scaling=scaling, dropout=dropout, **kw)
+        on_call(count[0], q, k, v, m, scaling, w)
+        count[0] += 1
+        return out, w
+
+    mod.eager_attention_forward = wrapped
+    return lambda: setattr(mod, "eager_attention_forward", original)
+
+
+def qk_edge_scores(hf, key: str, clean, corrupted, answer, distractor, *, drop: int | None = None,
+                   step: float | None = None) -> dict:
+    """``{(writer, reader): [pair]}`` for the edges into queries and keys, through the exact softmax (AtP*'s QK
+    fix): the corrupted run is rerun with writer ``w``'s change added to the input of layer ``l``'s attention
+    pre-norm (the model computes the moved queries and keys itself, rotary embeddings included), and
+    ``sum g . (softmax(moved scores) - A)``, ``g = d m / d A`` by autograd, once with the moved queries and the
+    run's keys, once the other way round. Exact where queries and keys are affine in the norm's output (no
+    QK-norm). ``drop``: the gradient taken with that block's contribution detached (GradDrop). ``step``: queries
+    and keys to first order after the pre-norm, by a finite difference of that size on the norm's output (QK-norm
+    families; run a float64 model)."""
+    read, n_layers = READ[key], len(ref.blocks(hf))
+    kv = kv_heads(hf.config)
+    seen = {}
+    keep = lambda i, q, k, v, m, sc, w: (w.retain_grad() if w.requires_grad else None,  # noqa: E731
+                                         seen.__setitem__(i, (q.detach(), k.detach(), m, sc, w)))
+    restore = _attention_calls(hf, keep)
+    hooks = [] if drop is None else [ref.blocks(hf)[drop].register_forward_hook(
+        lambda _, args, out: args[0] + (out - args[0]).detach())]
+    try:
+        logits = ref.forward(hf, corrupted).logits[:, -1].float()
+        rows = torch.arange(corrupted.shape[0])
+        (logits[rows, answer] - logits[rows, distractor]).sum().backward()
+    finally:
+        restore()
+        for h in hooks:
+            h.remove()
+
+    def moved(layer, add):
+        """Layer ``layer``'s queries and keys with ``add(x)`` added to its attention's input stream (before the
+        pre-norm), or with ``add`` hooked on the norm's output (``step``)."""
+        block, got = ref.blocks(hf)[layer], {}
+
+        def capture(i, q, k, v, m, sc, w):
+            if i == layer:
+                got["qk"] = q.detach(), k.detach()
+                raise _Stop
+
+        attention = block.get_submodule(read.proj.get("q", read.proj.get("qkv")).rsplit(".", 1)[0])
+        if step and read.attn_norm:
+            hook = block.get_submodule(read.attn_norm).register_forward_hook(lambda m, a, o: o + add(m, a[0], o))
+        else:
+            target = block.get_submodule(read.attn_norm) if read.attn_norm else attention
+            hook = target.register_forward_pre_hook(
+                lambda m, a, kw: ((a[0] + add(None, a[0], a[0]), *a[1:]), kw) if a else (a, {
+                    **kw, "hidden_states": kw["hidden_states"] + add(None, kw["hidden_states"], None)}),
+                with_kwargs=True)
+        restore = _attention_calls(hf, capture)
+        try:
+            with torch.no_grad():
+                ref.forward(hf, corrupted)
+        except _Stop:
+            pass
+        finally:
+            restore()
+            hook.remove()
+        return got["qk"]
+
+    out = {}
+    for w, d in deltas(hf, key, clean, corrupted).items():
+        first = 0 if w.startswith("embed") else int(w[1:].split("H")[0].split(" ")[0]) + 1
+        for layer in range(first, n_layers):
+            if not step:
+                q2, k2 = moved(layer, lambda m, x, o, d=d: d)
+            else:  # a central difference of the norm's output along norm(x + d) - norm(x)
+                along = lambda m, x, o, d=d, sign=1: sign * step * (d if m is None else m.forward(x + d) - o)  # noqa
+                (qa, ka), (qb, kb) = (moved(layer, lambda m, x, o, sign=sign: along(m, x, o, sign=sign))
+                                      for sign in (1, -1))
+                q, k = seen[layer][:2]
+                q2, k2 = q + (qa - qb) / (2 * step), k + (ka - kb) / (2 * step)
+            q, k, m, sc, a = seen[layer]
+            g = torch.zeros_like(a) if a.grad is None else a.grad
+            rep = q.shape[1] // k.shape[1]
+            soft = lambda qq, kk: (qq.double() @ kk.double().repeat_interleave(rep, 1).transpose(-1, -2) * sc  # noqa
+                                   + (0 if m is None else m.double())).softmax(-1)
+            base = soft(q, k)
+            for name, qq, kk in (("q", q2, k), ("k", q, k2)):
+                per_head = (g.double() * (soft(qq, kk) - base)).sum((-1, -2))  # [pair, head]
+                if name == "k":
+                    per_head = per_head.unflatten(1, (kv, rep)).sum(-1)
+                for h in range(per_head.shape[1]):
+                    label = f"L{layer}{'H' if name == 'q' or kv == q.shape[1] else 'KV'}{h} {name}"
+                    out[w, label] = per_head[:, h]
+    return out
+
+
+def atp_star_edges(hf, key: str, clean, corrupted, answer, distractor, *, drop: int | None = None,
+                   step: float | None = None) -> dict:
+    """Every edge's AtP* score: `qk_edge_scores` into queries and keys, `edge_scores` (plain EAP) elsewhere."""
+    hooks = None if drop is None else (lambda: [ref.blocks(hf)[drop].register_forward_hook(
+        lambda _, args, out: args[0] + (out - args[0]).detach())])
+    plain = edge_scores(hf, key, clean, corrupted, answer, distractor, hooks=hooks)
+    return {**plain, **qk_edge_scores(hf, key, clean, corrupted, answer, distractor, drop=drop, step=step)}

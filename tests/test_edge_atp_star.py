@@ -1,0 +1,89 @@
+"""AtP* on edges (recipes/edge_atp_star.py, nnattr.kernels.qk_edges) against a plain-PyTorch reference.
+
+The reference (`tests/support/edges_reference.atp_star_edges`) reruns the corrupted prompts with each writer's
+change added to the input of a later layer's attention pre-norm, lets the model compute the moved queries and keys
+itself (rotary embeddings included), and recomputes the softmax in full with ``d m / d A`` from autograd; every
+other edge is the slow EAP reference. GradDrop's reference detaches one block's contribution with a forward hook.
+No nnsight, no nnattr kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nnattr
+from nnattr.recipes import edge_atp_star, edge_attribution_patching as eap
+from tests.support import edges_reference as er
+from tests.support import tiny
+from tests.test_edges import ANSWER, CLEAN, CORRUPTED, DISTRACTOR, compare, ids, tokens
+from tests.test_patching import build
+
+torch.set_num_threads(1)
+AFFINE = ["gpt2", "llama", "gptj", "gpt_neox", "phi3", "opt", "qwen2"]  # queries and keys affine in the norm
+
+
+def reference(arch, **kw):
+    hf = build(arch).double() if kw.get("step") else build(arch)
+    return er.atp_star_edges(hf, arch, ids(CLEAN), ids(CORRUPTED), tokens(ANSWER), tokens(DISTRACTOR), **kw)
+
+
+@pytest.mark.parametrize("arch", AFFINE)
+def test_matches_the_exact_softmax_reference(sharp_zoo, arch):
+    _, model = sharp_zoo(arch)
+    result = edge_atp_star.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)
+    assert compare(result, reference(arch), nnattr.arch.arch_of(model)) < 1e-4  # float32, saturated heads
+    assert result.meta["method"] == "atp*" and result.method == "edge_atp_star"
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "olmo2"])
+def test_qk_norm_families_take_queries_and_keys_to_first_order(sharp_zoo, arch):
+    """QK-norms make queries and keys non-affine in the stream: the recipe moves them to first order (a
+    forward-mode product), the reference by a central difference on the pre-norm's output in a float64 model
+    (whose norms still compute in float32, so the quotient carries float32 rounding: 3e-4 on scores up to 6)."""
+    _, model = sharp_zoo(arch)
+    result = edge_atp_star.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)
+    assert compare(result, reference(arch, step=1e-3), nnattr.arch.arch_of(model)) < 3e-4  # scores to 6
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_grad_drop_matches_detached_blocks(sharp_zoo, arch):
+    _, model = sharp_zoo(arch)
+    result = edge_atp_star.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, grad_drop=True)
+    n = model.config.num_hidden_layers
+    runs = [reference(arch, drop=layer) for layer in range(n)]
+    want = {edge: sum(run[edge].abs() for run in runs) / (n - 1) for edge in runs[0]}
+    assert compare(result, want, nnattr.arch.arch_of(model)) < 1e-4
+    assert result.meta["grad_drop"] is True
+
+
+def test_other_edges_are_plain_eap_and_small_changes_agree(sharp_zoo):
+    """Values, MLPs and logits are plain EAP; queries and keys differ from it only through the softmax."""
+    _, model = sharp_zoo("llama")
+    star, plain = (recipe.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR) for recipe in (edge_atp_star, eap))
+    qk = torch.tensor([r.endswith((" q", " k")) for r in star.labels["reader"]])
+    torch.testing.assert_close(star.values[..., ~qk], plain.values[..., ~qk], equal_nan=True, atol=1e-6, rtol=0)
+    assert torch.equal(star.values.isnan(), plain.values.isnan())
+
+
+@pytest.mark.parametrize("arch, why", [("falcon", "attention interface"), ("gemma2", "soft-caps"),
+                                       ("gpt_oss", "sinks")])
+def test_refuses_families_whose_softmax_it_cannot_recompute(arch, why):
+    model = nnattr.load(tiny.hf_model(arch), tokenizer=tiny.tokenizer())
+    with pytest.raises(ValueError, match=why):
+        edge_atp_star.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)
+
+
+def test_tiny_ioi_resid_false_negative():
+    """The report's ``resid_pre_0@-5`` false negative: the pair differs only there, so patching it is the whole
+    clean - corrupted difference (46); plain EAP's embedding edges sum to 0.37, AtP*'s QK fix on the edges into
+    layer 0's queries recovers about half."""
+    model = nnattr.load("tiny-ioi")
+    args = ("When Mary and John went to the store , John gave a drink to",
+            "When Mary and John went to the store , Mary gave a drink to", " Mary", " John")
+    star, plain = edge_atp_star.run(model, *args), eap.run(model, *args)
+    i = star.labels["writer"].index("embed")
+    total = star.per_prompt["clean_metric"][0] - star.per_prompt["corrupted_metric"][0]
+    assert abs(total - 45.98) < 0.01
+    assert abs(plain.values[0, i].nansum() - 0.37) < 0.01
+    assert 24 < star.values[0, i].nansum() < 25
