@@ -79,6 +79,7 @@ class ArchSpec:
     pre_norms: bool = True
     mlp_in: str | None = None  # the module whose input is what the MLP reads, where not `mlp` (OPT: fc1)
     block_tuple: bool = False  # a decoder block returns (hidden states, ...), not a tensor (Falcon)
+    attention_interface: bool = True  # attention calls Hugging Face's attention interface (not Falcon: its own)
 
     def __post_init__(self) -> None:
         """Refuse values no family has, naming the field and what it takes (before any path is looked up)."""
@@ -339,6 +340,7 @@ SPECS += (  # issue 14, group B: parallel blocks (GPT-J, Falcon), OPT, Phi-3
         unsupported=_falcon_unsupported,  # Falcon-RW (ALiBi) only with sdpa attention
         writes_in_place=True,  # mlp_output += attention_output: a kept MLP write must be a copy
         block_tuple=True,  # FalconDecoderLayer returns (output, attention weights)
+        attention_interface=False,  # FalconAttention computes its scores itself
         attn_norm=lambda config: _falcon_norms(config)[0],
         mlp_norm=lambda config: _falcon_norms(config)[1],
         parallel=lambda config: config.parallel_attn or config.new_decoder_architecture,
@@ -487,12 +489,20 @@ class Arch(Dims):
     pre_norms: bool = True  # attention and MLP read the stream through `attn_norm` / `mlp_norm` (not OLMo-2)
     readers_missing: str | None = None  # what the spec lacks for edge attribution (None: nothing)
     block_tuple: bool = False  # a decoder block returns (hidden states, ...): skipping one must return that too
+    softmax_missing: str | None = None  # why the queries and keys the softmax reads cannot be recomputed (AtP*)
 
     def require_readers(self, method: str) -> None:
         """Refuse an edge-level method where the spec does not say where each reader reads."""
         if self.readers_missing:
             raise ValueError(f"{method} needs to know where {self.family}'s readers read: {self.readers_missing}. "
                              f"Add it to the ArchSpec (see docs/architectures.md)")
+
+    def require_softmax(self, method: str, instead: str) -> None:
+        """Refuse a method that recomputes each head's softmax from the queries and keys Hugging Face's attention
+        interface receives, where the model's softmax is not that (``instead``: what to use)."""
+        if self.softmax_missing:
+            raise ValueError(f"{method} recomputes each head's softmax from its queries and keys, which it cannot do "
+                             f"on {self.family}: {self.softmax_missing}. Use {instead} on this model")
 
     @property
     def qkv_shape(self) -> dict:
@@ -574,8 +584,19 @@ def arch_of(model) -> Arch:
         attention_sinks=spec.attention_sinks, writes_in_place=spec.writes_in_place,
         shared_expert=bool(spec.shared_expert), shared_expert_gate=bool(spec.shared_expert_gate),
         parallel=spec.is_parallel(config), pre_norms=spec.pre_norms, readers_missing=_readers_missing(spec),
-        block_tuple=spec.block_tuple,
+        block_tuple=spec.block_tuple, softmax_missing=_softmax_missing(spec, config),
     )
+
+
+def _softmax_missing(spec: ArchSpec, config) -> str | None:
+    """Why AtP*'s QK fix cannot recompute a family's softmax from the attention interface's inputs (None: it can)."""
+    if not spec.attention_interface:
+        return "its attention computes its scores itself, not through Hugging Face's attention interface"
+    if spec.attention_sinks:
+        return "its learned attention sinks take part in the softmax"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "it soft-caps its attention scores (attn_logit_softcapping), which the fix does not model"
+    return None
 
 
 def _readers_missing(spec: ArchSpec) -> str | None:

@@ -20,7 +20,7 @@ import torch
 
 from nnattr import runner
 from nnattr.kernels import (  # kernels by name: they travel to NDIF
-    dropped_gradients, first, head_attribution_scores, logit_diff, pair_delta, qk_fix, qk_refusal)
+    dropped_gradients, first, head_attribution_scores, logit_diff, pair_delta, qk_fix)
 from nnattr.pairs import Pairs, pairs
 
 TITLE, UNITS = "AtP*", "estimated effect (metric)"
@@ -79,10 +79,7 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None, g
     grad_drop: GradDrop: average over layers the magnitude of the estimate with that layer's gradient dropped.
     """
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=("head", "head_pos"), align=None)
-    why = qk_refusal(p.arch.family, p.arch.attention_sinks, getattr(model.config, "attn_logit_softcapping", None))
-    if why:
-        raise ValueError(f"{TITLE} needs each head's queries and keys as its softmax reads them: {why}. "
-                         f"Use attribution_patching (plain AtP) on this model")
+    p.arch.require_softmax(TITLE, instead="attribution_patching (plain AtP)")
     if grad_drop and p.arch.n_layers < 2:
         raise ValueError("grad_drop=True needs 2 layers or more (it averages over the others); use grad_drop=False")
     out = runner.run(trace, model, p, grad_drop=bool(grad_drop), batch_size=batch_size, remote=remote, backend=backend)

@@ -21,7 +21,7 @@ import torch
 
 from nnattr import circuits, runner
 from nnattr.kernels import (  # kernels by name: they travel to NDIF
-    dropped_gradients, edges_into, first, layer_readers, logit_diff, pair_delta, qk_edges, qk_refusal, writer_deltas)
+    dropped_gradients, edges_into, first, layer_readers, logit_diff, pair_delta, qk_edges, writer_deltas)
 from nnattr.pairs import Pairs, pairs
 
 TITLE, UNITS = "AtP* on edges", "estimated effect (metric)"
@@ -101,9 +101,7 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None, g
     """
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=("attn",), align=None)  # summed
     p.arch.require_readers(TITLE)
-    why = qk_refusal(p.arch.family, p.arch.attention_sinks, getattr(model.config, "attn_logit_softcapping", None))
-    if why:
-        raise ValueError(f"{TITLE} recomputes each softmax: {why}. Use edge_attribution_patching")
+    p.arch.require_softmax(TITLE, instead="edge_attribution_patching (plain AtP)")
     if grad_drop and p.arch.n_layers < 2:
         raise ValueError("grad_drop=True needs 2 layers or more (it averages over the others); use grad_drop=False")
     out = runner.run(trace, model, p, grad_drop=bool(grad_drop), batch_size=batch_size, remote=remote, backend=backend)

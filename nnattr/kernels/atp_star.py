@@ -152,14 +152,3 @@ def dropped_gradients(total: torch.Tensor, acts: Sequence[torch.Tensor], writes:
             dropped[j] = plain[j] - (torch.zeros_like(plain[j]) if p is None else p)
         runs.append(dropped)
     return [plain] + runs
-
-
-def qk_refusal(family: str, sinks: bool, softcap: float | None) -> str | None:
-    """Why the QK fix cannot recompute a family's softmax exactly (None: it can)."""
-    if family == "Falcon":
-        return "Falcon's attention computes its scores itself, not through Hugging Face's attention interface"
-    if sinks:
-        return f"{family}'s learned attention sinks take part in the softmax the QK fix recomputes"
-    if softcap:
-        return f"{family} soft-caps its attention scores (attn_logit_softcapping), which the fix does not model"
-    return None

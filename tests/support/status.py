@@ -34,7 +34,7 @@ DEFAULT_FILE = ROOT / "docs" / "status.md"
 #: The test modules whose ``arch``-parametrized tests make the table.
 MODULES = ("test_recipes.py", "test_positions.py", "test_token_circulation.py", "test_attention_summary.py",
            "test_remote.py", "test_families_remote.py", "test_patching.py", "test_families_recipes.py", "test_edges.py",
-           "test_circuits.py")
+           "test_circuits.py", "test_edge_atp_star.py")
 COMMAND = "python -m pytest " + " ".join(f"tests/{m}" for m in MODULES)
 
 DLA = {"component": "DLA by component", "head": "DLA by head", "head_position": "DLA by head and position",
@@ -65,6 +65,8 @@ COLUMNS = {
     "test_matches_the_slow_reference": ["edge attribution patching"],
     "test_every_edge_is_the_clean_run_and_none_the_corrupted_one": ["circuit faithfulness"],
     "test_a_circuit_matches_the_edge_ablated_reference": ["circuit faithfulness"],
+    "test_matches_the_reference_on_every_family": ["AtP* on edges"],
+    "test_refuses_families_whose_softmax_it_cannot_recompute": ["AtP* on edges"],
     # test_families_recipes.py: the newer recipes against hooks / plain autograd on every family
     "test_attention_views_equal_the_hooks_reference": ["attention views"],
     "test_token_attribution_equals_plain_autograd": ["token attribution"],  # IG and gradient x input
