@@ -189,6 +189,33 @@ def ablated(a: Arch, circuits: list[Circuit]) -> torch.Tensor:
     return out
 
 
+def ablation_order(p: Pairs, ablation: str, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """Which corrupted prompt each pair's ablated values come from (`recipes.circuit_faithfulness`): its own
+    (``"patch"``; ``"zero"`` and ``"mean"`` ignore it), or another pair's drawn with ``seed`` (``"resample"``). Refuses
+    an unknown ablation, pairs whose positions do not line up for it, and a ``batch_size`` that would split the
+    pairs a mean or a resample is taken over."""
+    if ablation not in ("patch", "zero", "mean", "resample"):
+        raise ValueError(f"ablation={ablation!r}; expected 'patch' (the corrupted run's values), 'zero', 'mean' (over "
+                         f"the corrupted prompts) or 'resample' (another pair's corrupted values)")
+    if p.clean.lengths != p.corrupted.lengths:  # the ablated values are the corrupted run's, position by position
+        raise ValueError(f"pairs of unequal token lengths {p.clean.lengths} / {p.corrupted.lengths}: give pairs "
+                         f"of equal length (a writer's corrupted value replaces it at the same position)")
+    if ablation in ("mean", "resample") and len(set(p.corrupted.lengths)) > 1:
+        raise ValueError(f"{ablation} ablation takes values from other pairs position by position, so every pair "
+                         f"needs the same token length (here {sorted(set(p.corrupted.lengths))}): give pairs of one "
+                         f"template, or ablation='patch'")
+    if ablation in ("mean", "resample") and batch_size is not None and batch_size < len(p):
+        raise ValueError(f"{ablation} ablation takes values across the pairs, so they run as one batch: leave "
+                         f"batch_size out (given {batch_size} for {len(p)} pairs), or give fewer pairs")
+    if ablation == "resample" and len(p) < 2:
+        raise ValueError("resample ablation draws another pair's corrupted values: give at least 2 pairs")
+    if ablation != "resample":
+        return torch.arange(len(p))
+    from .kernels import resample_draws
+
+    return resample_draws(len(p), len(p), 1, ablation="resample", seed=seed, own=True)[:, 0]
+
+
 def faithfulness_result(p: Pairs, out: dict, todo: list[Circuit], *, ablation: str, units: str,
                         title: str) -> Attribution:
     """``[prompt, circuit]``: the recovered fraction; ``per_prompt``: the clean, corrupted and circuit metrics."""
@@ -256,6 +283,16 @@ def by_edge_attribution(model, clean, corrupted, answer, distractor, sizes=None,
     total = int((~_mean_scores(scores)[0].isnan()).sum())
     sizes = sizes or sorted({max(1, round(total * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)} | {total})
     return [top_edges(scores, n) for n in ([sizes] if isinstance(sizes, int) else sizes)]
+
+
+def to_test(model, clean, corrupted, answer, distractor, *, circuit=None, edges=None, **options) -> list[Circuit]:
+    """The circuits `recipes.circuit_faithfulness` tests: ``circuit`` (see `as_circuits`), or the top ``edges`` by
+    EAP-IG on these pairs (`by_edge_attribution`; default sizes with neither)."""
+    if circuit is not None and edges is not None:
+        raise ValueError("give circuit= or edges= (circuits built by edge attribution patching), not both")
+    if circuit is not None:
+        return as_circuits(circuit)
+    return by_edge_attribution(model, clean, corrupted, answer, distractor, edges, **options)
 
 
 def as_circuits(circuit) -> list[Circuit]:

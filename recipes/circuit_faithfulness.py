@@ -3,7 +3,8 @@
 Conmy et al. 2023; Hanna et al. 2024; MIB (Mueller et al. 2025). A circuit is a set of edges from writers to readers
 (`nnattr.circuits`: `top_edges`, `greedy`). The clean prompt runs with every reader reading, from each writer
 whose edge into it is outside the circuit, that writer's corrupted value (``ablation="patch"``) or nothing
-(``"zero"``) instead of its value in this run:
+(``"zero"``), its mean over the corrupted prompts (``"mean"``) or another pair's corrupted value (``"resample"``)
+instead of its value in this run:
 
     x_r = x - sum over writers w whose edge into r is not in the circuit of (w_now - w_ablated)
 
@@ -31,7 +32,8 @@ from nnattr.pairs import Pairs, pairs
 TITLE, UNITS = "Circuit faithfulness", "recovered fraction"
 
 
-def trace(model, p: Pairs, *, masks: torch.Tensor, zero: bool, remote=False, backend=None) -> dict:
+def trace(model, p: Pairs, *, masks: torch.Tensor, ablation: str, order: torch.Tensor, remote=False,
+          backend=None) -> dict:
     """The clean and corrupted rows (the writers' ablated values), then the clean rows once per circuit."""
     a, n, metric, C = p.arch, len(p), p.metric, masks.shape[0]
     answer, other = p.clean.answer("target"), p.clean.answer("distractor")
@@ -45,7 +47,8 @@ def trace(model, p: Pairs, *, masks: torch.Tensor, zero: bool, remote=False, bac
     with model.session(remote=remote, backend=backend):
         value = lambda logits, k: metric(logits).float() if metric else logit_diff(  # noqa: E731 [rows]
             logits, answer.repeat(k), None if other is None else other.repeat(k))
-        off = lambda now, then: now - then.repeat(C, *[1] * (then.ndim - 1)) * (not zero)  # noqa: E731 a change
+        off = lambda now, then: now - (0 if ablation == "zero" else then.mean(0, keepdim=True) if ablation == "mean"  # noqa
+                                       else then[order].repeat(C, *[1] * (then.ndim - 1)))  # a change: [rows, ...]
         with torch.no_grad(), model.trace(both, **last):  # the ablated values: the corrupted run's writers
             was = [[first(getattr(model, e).output).expand(2 * n, -1, -1)[n:] for e in embeds], [], []]
             for layer in model.layers:
@@ -84,31 +87,27 @@ def trace(model, p: Pairs, *, masks: torch.Tensor, zero: bool, remote=False, bac
 
 
 def run(model, clean, corrupted, answer=None, distractor=None, *, circuit: Sequence[circuits.Circuit] | None = None,
-        edges: int | Sequence[int] | None = None, ablation: Literal["patch", "zero"] = "patch", metric=None,
-        batch_size: int | None = None, remote=False, backend=None) -> circuits.Attribution:
+        edges: int | Sequence[int] | None = None, ablation: Literal["patch", "zero", "mean", "resample"] = "patch",
+        seed: int = 0, metric=None, batch_size: int | None = None, remote=False, backend=None) -> circuits.Attribution:
     """The recovered fraction of the metric with only each circuit's edges kept, per pair (see the module doc).
 
     answer: the clean prompt's answer token; distractor: subtract its logit.
     circuit: a circuit (nnattr.circuits.top_edges, greedy), or several: each is rows of the same forward.
     edges: without circuit, the top edges by EAP-IG (5 steps) on these pairs (default: 1 to 100 percent of them).
-    ablation: what a reader reads from a writer outside the circuit: its corrupted value (patch) or nothing (zero).
+    ablation: what a reader reads from a writer outside the circuit: its corrupted value (patch), nothing (zero),
+    its mean over the corrupted prompts at that position (mean), or another pair's corrupted value (resample).
+    seed: the draws of resample ablation.
     metric: a function of the logits [batch, pos, vocab] -> [batch], replacing the logit difference.
     """
-    if ablation not in ("patch", "zero"):
-        raise ValueError(f"ablation={ablation!r}; expected 'patch' (the corrupted run's values) or 'zero'")
-    if circuit is not None and edges is not None:
-        raise ValueError("give circuit= or edges= (circuits built by edge attribution patching), not both")
-    todo = circuits.as_circuits(circuit) if circuit is not None else circuits.by_edge_attribution(
-        model, clean, corrupted, answer, distractor, edges, metric=metric, remote=remote, backend=backend)
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=("attn",), align=None)
-    if p.clean.lengths != p.corrupted.lengths:  # the ablated values are the corrupted run's, position by position
-        raise ValueError(f"pairs of unequal token lengths {p.clean.lengths} / {p.corrupted.lengths}: give pairs "
-                         f"of equal length (a writer's corrupted value replaces it at the same position)")
+    order = circuits.ablation_order(p, ablation, seed, batch_size)  # each pair's source of ablated values
     p.arch.require_readers(TITLE)
     p.arch.require_exact_heads(f"{TITLE} (edges out of heads)")
+    todo = circuits.to_test(model, clean, corrupted, answer, distractor, circuit=circuit, edges=edges, metric=metric,
+                            remote=remote, backend=backend)  # the circuits given, or built by EAP-IG
     masks = circuits.ablated(p.arch, todo)  # [circuit, reader, writer]: unknown edge names are refused there
-    out = runner.run(trace, model, p, masks=masks, zero=ablation == "zero", batch_size=batch_size, remote=remote,
-                     backend=backend)
+    out = runner.run(trace, model, p, masks=masks, ablation=ablation, order=order, remote=remote, backend=backend,
+                     batch_size=batch_size if ablation in ("patch", "zero") else len(p))  # across pairs: one batch
     return circuits.faithfulness_result(p, out, todo, ablation=ablation, units=UNITS, title=TITLE)
 
 

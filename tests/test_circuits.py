@@ -61,6 +61,25 @@ def test_a_circuit_matches_the_edge_ablated_reference(sharp_zoo, arch, ablation)
     assert result.meta == {"ablation": ablation, "edges": [len(c) for c in kept], "total": total}
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("ablation", ["mean", "resample"])
+def test_mean_and_resample_ablation_match_the_reference(sharp_zoo, arch, ablation):
+    """Outside the circuit a reader reads the writer's mean over the corrupted prompts, or another pair's
+    corrupted value (the draw the result records is the one the reference uses)."""
+    hf, model = sharp_zoo(arch)
+    scores, total = edges_of(model)
+    kept = circuits.top_edges(scores, total // 3)
+    result = cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=kept, ablation=ablation, seed=3)
+    names = {e: f"embed{j}" for j, e in enumerate(nnattr.arch.arch_of(model).embeddings)}
+    keep = {(names.get(w, w), r) for w, r in kept.edges}
+    source = "mean" if ablation == "mean" else torch.tensor([1, 0])  # two pairs: each reads the other's
+    want = er.edge_ablated_metric(hf, arch, ids(CLEAN), ids(CORRUPTED), tokens(ANSWER), tokens(DISTRACTOR), keep,
+                                  source=source)
+    torch.testing.assert_close(torch.tensor(result.per_prompt["circuit_metric"])[:, 0], want.float(), atol=1e-4,
+                               rtol=1e-4)
+    assert result.meta["ablation"] == ablation
+
+
 def test_top_edges_and_greedy(sharp_zoo):
     _, model = sharp_zoo("llama")
     scores, total = edges_of(model)
@@ -99,8 +118,12 @@ def test_refused_where_head_edges_are_not_exact(sharp_zoo, arch):
 
 def test_bad_options_are_refused(sharp_zoo):
     _, model = sharp_zoo("gpt2")
-    with pytest.raises(ValueError, match="ablation='mean'"):
-        cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, edges=3, ablation="mean")
+    with pytest.raises(ValueError, match="ablation='mode'"):
+        cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, edges=3, ablation="mode")
+    with pytest.raises(ValueError, match="one batch"):
+        cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, edges=3, ablation="mean", batch_size=1)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        cf.run(model, CLEAN[:1], CORRUPTED[:1], ANSWER[:1], DISTRACTOR[:1], edges=3, ablation="resample")
     with pytest.raises(ValueError, match="a circuit's edges are \\(writer, reader\\) name pairs"):
         cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=[{"L0H0"}])
     by_hand = cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit={("L1H0", "logits"), ("L0H1", "L1H0 v")})

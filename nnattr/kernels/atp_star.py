@@ -100,13 +100,14 @@ def qk_edges(deltas: Iterable[torch.Tensor], stream: torch.Tensor, norm_weight: 
     raw = q0 @ k0.transpose(-1, -2) * scaling  # [n, head, query, key], before the mask
     a, vx = _masked(raw, mask).softmax(-1), _heads(v, h)
     gs = [g.float().reshape(n, t, h, d).transpose(1, 2) @ vx.transpose(-1, -2) for g in grads_z]  # d m / d A
+    products = [_forward_product(out_, y) for out_ in (q, k)]  # tangents at y -> moves of the queries, the keys
     x, out = stream.detach().float()[:, :, None], []
     base = x if norm_weight is None else _normed(x, norm_weight, norm=norm, eps=eps, weight_offset=weight_offset)
     for block in deltas:  # [n, pos, writer, d_model]
         moved = x + block.float()
         dy = (moved if norm_weight is None else _normed(moved, norm_weight, norm=norm, eps=eps,
                                                           weight_offset=weight_offset)) - base
-        dq, dk = (_forward_product(out_, y, dy.movedim(2, 0).to(y.dtype)).float() for out_ in (q, k))
+        dq, dk = (jvp(dy.movedim(2, 0).to(y.dtype)).float() for jvp in products)
         dk = _heads(dk.flatten(0, 1), h).unflatten(0, dk.shape[:2])  # [writer, n, head, pos, d]
         rows = _masked(raw + dq @ k0.transpose(-1, -2) * scaling, mask).softmax(-1) - a  # [writer, n, head, t, s]
         cols = _masked(raw + q0 @ dk.transpose(-1, -2) * scaling, mask).softmax(-1) - a
@@ -121,12 +122,12 @@ def _normed(x: torch.Tensor, weight: torch.Tensor, *, norm: str, eps: float, wei
     return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + weight_offset)
 
 
-def _forward_product(out: torch.Tensor, inp: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-    """``J tangents[i]`` for each ``i``, ``J = d out / d inp`` in the autograd graph (``[m, *inp.shape] ->
-    [m, *out.shape]``): the transpose of a vector-Jacobian product, batched."""
+def _forward_product(out: torch.Tensor, inp: torch.Tensor):
+    """``tangents -> J tangents[i]`` for each ``i``, ``J = d out / d inp`` in the autograd graph (``[m, *inp.shape]
+    -> [m, *out.shape]``): the transpose of a vector-Jacobian product, built once, applied batched."""
     u = torch.zeros_like(out, requires_grad=True)
     (vjp,) = torch.autograd.grad(out, inp, u, create_graph=True)
-    return torch.autograd.grad(vjp, u, tangents, is_grads_batched=True, retain_graph=True)[0]
+    return lambda tangents: torch.autograd.grad(vjp, u, tangents, is_grads_batched=True, retain_graph=True)[0]
 
 
 def dropped_gradients(total: torch.Tensor, acts: Sequence[torch.Tensor], writes: Sequence[torch.Tensor],

@@ -4,7 +4,7 @@ A GPT-2-small-sized random model (12 layers, 12 heads, d_model 768, a 2,000-word
 float32) on 8 clean/corrupted pairs of 64 tokens. Time: node AtP (`attribution_patching`, its
 default node types) and EAP (`edge_attribution_patching`, every edge) interleaved after one
 untimed warm-up each, the median of the repeats and the ratio EAP / node AtP; EAP-IG (``--steps``)
-against node AtP-IG with the same steps. Memory: each method in a fresh subprocess, the growth of
+against node AtP-IG with the same steps; AtP* on heads and on edges (with GradDrop) against node AtP. Memory: each method in a fresh subprocess, the growth of
 the peak resident set over the loaded model (``ru_maxrss``), and the ratio. TransformerLens's EAP
 is reported where it runs (in TransformerLens 3.9 ``granularity="edge"`` raises NotImplementedError).
 
@@ -37,7 +37,7 @@ def setup(layers: int, batch: int, tokens: int):
 
 
 def calls(model, clean, corrupted, answer, distractor, steps: int):
-    from nnattr.recipes import attribution_patching, edge_attribution_patching
+    from nnattr.recipes import atp_star, attribution_patching, edge_atp_star, edge_attribution_patching
 
     ig = dict(method="ig", steps=steps)
     return {
@@ -45,6 +45,9 @@ def calls(model, clean, corrupted, answer, distractor, steps: int):
         "EAP": lambda: edge_attribution_patching.run(model, clean, corrupted, answer, distractor),
         f"node AtP-IG ({steps})": lambda: attribution_patching.run(model, clean, corrupted, answer, distractor, **ig),
         f"EAP-IG ({steps})": lambda: edge_attribution_patching.run(model, clean, corrupted, answer, distractor, **ig),
+        "AtP* heads (QK fix)": lambda: atp_star.run(model, clean, corrupted, answer, distractor),
+        "AtP* edges (QK fix)": lambda: edge_atp_star.run(model, clean, corrupted, answer, distractor),
+        "AtP* edges + GradDrop": lambda: edge_atp_star.run(model, clean, corrupted, answer, distractor, grad_drop=True),
     }
 
 

@@ -260,13 +260,18 @@ def _layer(label: str, last: int) -> int:
     return -1 if label.startswith("embed") else int(label[1:].split("H")[0].split("K")[0].split(" ")[0])
 
 
-def edge_ablated_metric(hf, key: str, clean, corrupted, answer, distractor, keep: set, *, zero: bool = False):
+def edge_ablated_metric(hf, key: str, clean, corrupted, answer, distractor, keep: set, *, zero: bool = False,
+                        source=None):
     """The metric ``[pair]`` of the clean prompts with every edge (writer, reader) not in ``keep`` ablated: the
-    reader reads that writer's corrupted value (or nothing, ``zero``) in place of its value in this run. Writers
+    reader reads that writer's corrupted value (or nothing, ``zero``; ``source``: the mean over the corrupted
+    prompts, ``"mean"``, or row ``i`` prompt ``source[i]``'s) in place of its value in this run. Writers
     are recorded by hooks as this forward computes them; each reader adds ``-sum (now - ablated)`` over its
     ablated edges to its own copy of its input (`reader_gradients`'s hooks). Equal-length pairs, no padding."""
     nat, read, n_layers = ref.native(hf), READ[key], len(ref.blocks(hf))
     then = writer_outputs(hf, key, corrupted, None)  # writers: "embed0", "embed1", "L0H0", ..., "L0 MLP", ...
+    if source is not None:  # "mean": the mean over the corrupted prompts; else row i reads corrupted prompt source[i]
+        then = {w: v.mean(0, keepdim=True).expand_as(v) if isinstance(source, str) else v[source]
+                for w, v in then.items()}
     now, hooks = {}, []
     for j, path in enumerate(nat.embeds):
         hooks.append(hf.get_submodule(path).register_forward_hook(
