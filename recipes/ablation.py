@@ -1,11 +1,12 @@
 """Ablation: the metric with a set of nodes knocked out, for many node sets at once.
 
-Nodes as `nnattr.circuits.writers` names them (``embed``, ``pos_embed``, ``L3H1``: its slice of the output projection's
-input, ``L3 MLP``), and ``L3 attn``. Each set is ablated in its own batch row and the metric read (``target``'s logit,
-default the unablated top prediction, minus ``distractor``'s, at the last token). ``zero``: set to 0; ``mean``: to the
-mean over ``reference`` prompts (default: the prompts), per position aligned at the last token, or over all real
-positions (``per_position=False``; Wang et al. 2022); ``resample``: to another reference prompt's values per row,
-drawn with ``seed`` (Chan et al. 2022). One session: unablated, reference, ablated rows. Wire: metrics.
+Nodes as `nnattr.circuits.writers` names them (``embed``, ``L3H1``: its slice of the output projection's input,
+``L3 MLP``), ``L3 attn``, ``L3 resid`` (the stream entering layer 3), each at one position with ``@p`` (``L3H1@-1``).
+Each set is ablated in its own batch row and the metric read (``target``'s logit, default the unablated top
+prediction, minus ``distractor``'s, at the last token). ``zero``: set to 0; ``mean``: to the mean over ``reference``
+prompts (default: the prompts), per position aligned at the last token, or over all real positions
+(``per_position=False``; Wang et al. 2022); ``resample``: to another reference prompt's values per row, drawn with
+``seed`` (Chan et al. 2022). One session: unablated, reference, ablated rows. Wire: metrics.
 
     python recipes/ablation.py --prompt "..." --target " Mary" --distractor " John" --node-sets "L0H0,L0H2;L1 MLP"
 """
@@ -20,8 +21,8 @@ import torch
 from nnattr import runner
 from nnattr.batch import Batch
 from nnattr.kernels import (  # kernels by name: they travel to NDIF
-    ablate, ablation_forwards, ablation_masks, ablation_nodes, ablation_sets, first, logit_diff, reference_mean,
-    resample_draws)
+    ablate, ablation_forwards, ablation_masks, ablation_node, ablation_nodes, ablation_sets, first, logit_diff,
+    reference_mean, resample_draws)
 from nnattr.result import Attribution
 
 TITLE, UNITS = "Ablation", "metric with the set ablated"
@@ -38,8 +39,8 @@ def trace(model, batch: Batch, *, sets: list, mean: bool, reference: dict | None
         value = lambda logits, t, i: metric(logits).float() if metric else logit_diff(  # noqa: E731 [rows: prompts i]
             logits, t[i], None if other is None else other[i])
         node = lambda kind, layer, k: first(getattr(model, kind).output) if layer < 0 else (  # noqa: E731
-            model.layers[layer].attn.o_proj.input if kind == "head" else  # [k, pos, head * d_head]
-            first(getattr(model.layers[layer], kind + "_out").output, k))  # a write; OPT's MLP: unflattened
+            model.layers[layer].attn.o_proj.input if kind == "head" else model.layers[layer].input if kind == "resid"
+            else first(getattr(model.layers[layer], kind + "_out").output, k))  # a write (OPT's MLP: unflattened)
         with torch.no_grad(), model.trace(inputs, **last):  # unablated: the metric, and the top prediction
             answer = model.output.logits[:, -1].argmax(-1) if target is None else target
             outs = [value(model.output.logits, answer, torch.arange(n)).cpu(), answer.cpu()]
@@ -71,7 +72,7 @@ def run(model, prompts, target=None, distractor=None, *, node_sets: str | Sequen
 
     target: the answer token (default: the model's top prediction without ablation).
     distractor: subtract this token's logit (a logit difference).
-    node_sets: sets of nodes, e.g. 'L0H0,L0H2;L1 MLP' (default: every embedding, head and MLP alone).
+    node_sets: sets of nodes, e.g. 'L0H0,L0H2@-1;L1 MLP;L2 resid' (default: every embedding, head and MLP alone).
     ablation: replace by zero, by the mean over the reference prompts, or by one reference prompt's values.
     reference: prompts for mean and resample (default: the prompts themselves).
     per_position: mean per position (aligned at the last token), or over all real positions.
@@ -88,12 +89,11 @@ def run(model, prompts, target=None, distractor=None, *, node_sets: str | Sequen
     names = ablation_sets(node_sets, nodes)
     ref = None if ablation == "zero" else Batch.of(model, prompts if reference is None else reference)
     if ref is not None and (per_position or ablation == "resample") and max(batch.lengths) > min(ref.lengths):
-        raise ValueError(f"{ablation} ablation{' per position' * (ablation == 'mean')} aligns positions at the last "
-                         f"token, so each prompt needs reference values at all its positions: the longest prompt has "
-                         f"{max(batch.lengths)} tokens, the shortest reference prompt {min(ref.lengths)}; give longer "
-                         f"reference prompts (same template){', or per_position=False' * (ablation == 'mean')}")
+        raise ValueError(f"{ablation} ablation aligns positions at the last token, so each prompt needs reference "
+                         f"values at all its positions ({max(batch.lengths)} tokens; shortest reference prompt: "
+                         f"{min(ref.lengths)}): give longer ones{', or per_position=False' * (ablation == 'mean')}")
     draws = resample_draws(len(ref or []), len(batch), len(names), ablation=ablation, seed=seed, own=reference is None)
-    options = dict(sets=[[nodes[name] for name in s] for s in names], mean=ablation == "mean", rows=rows,
+    options = dict(sets=[[ablation_node(name, nodes) for name in s] for s in names], mean=ablation == "mean", rows=rows,
                    reference=None if ref is None else ref.inputs, per_position=per_position, metric=metric)
     parts = [out for _, _, out in runner.chunks(
         lambda start, chunk, backend: trace(model, chunk, draws=None if draws is None else draws[start:start + len(

@@ -49,12 +49,15 @@ def sets_for(hf) -> list[list[str]]:
 
 
 def _where(hf, name: str):
-    """``(module, kind, columns)``: the native module whose output (or, for a head, whose input) holds the node."""
-    nat, blocks = R.native(hf), R.blocks(hf)
+    """``(module, kind, columns)``: the native module whose output (or, for a head, whose input; for ``L3 resid``,
+    the block's hidden-states input) holds the node. A position ``@p`` does not change where."""
+    nat, blocks, name = R.native(hf), R.blocks(hf), name.split("@")[0]
     if name in ("embed", "pos_embed"):
         return hf.get_submodule(nat.embeds[name == "pos_embed"]), "out", None
-    layer, head, write = re.fullmatch(r"L(\d+)(?:H(\d+)| (attn|MLP))", name).groups()
+    layer, head, write = re.fullmatch(r"L(\d+)(?:H(\d+)| (attn|MLP|resid))", name).groups()
     block = blocks[int(layer)]
+    if write == "resid":
+        return block, "block", None
     if head is not None:
         d_head = hf.config.hidden_size // hf.config.num_attention_heads if not hasattr(hf.config, "head_dim") \
             else hf.config.head_dim
@@ -69,7 +72,10 @@ def record(hf, text: str, names) -> dict[str, torch.Tensor]:
     handles = []
     for name in names:
         module, where, _ = _where(hf, name)
-        if where == "in":
+        if where == "block":
+            handles.append(module.register_forward_pre_hook(lambda m, a, kw, name=name: seen.__setitem__(
+                name, (a[0] if a else kw["hidden_states"])[0].clone()), with_kwargs=True))
+        elif where == "in":
             handles.append(module.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0][0])))
         else:
             handles.append(module.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(
@@ -92,11 +98,22 @@ def hooks_ablated(hf, text: str, names, values, target: str, distractor: str) ->
 
     def replaced(x, name):  # x: [pos, width]; a fresh tensor (Falcon adds attention into its MLP write in place)
         v = torch.zeros(()) if values is None else values[name]
-        return v.expand(x.shape).to(x.dtype).clone()
+        new = v.expand(x.shape).to(x.dtype).clone()
+        if "@" in name:  # one position only
+            keep, at = x.clone(), int(name.split("@")[1])
+            keep[at] = new[at]
+            return keep
+        return new
 
     for name in names:
         module, where, cols = _where(hf, name)
-        if where == "in":
+        if where == "block":
+            def block_pre(m, a, kw, name=name):
+                x = a[0] if a else kw["hidden_states"]
+                new = replaced(x[0], name)[None]
+                return ((new, *a[1:]), kw) if a else (a, {**kw, "hidden_states": new})
+            handles.append(module.register_forward_pre_hook(block_pre, with_kwargs=True))
+        elif where == "in":
             def pre(m, a, name=name, cols=cols):
                 z = a[0].clone()
                 z[..., cols] = replaced(z[0], name)[..., cols]
@@ -159,6 +176,29 @@ def test_zero_mean_and_resample_equal_the_hooks_reference(sharp_zoo, arch):
     assert_close(resample.values, torch.tensor(want), **TOL)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt"])
+def test_streams_and_single_positions_equal_the_hooks_reference(sharp_zoo, arch):
+    """``L1 resid`` replaces the stream entering layer 1; ``@p`` one position (from the end, or each prompt's
+    start), in a left-padded batch of prompts of three lengths."""
+    hf, model = sharp_zoo(arch)
+    sets = [["L0 resid"], ["L1 resid@-2"], ["L0H1@-1", "L1 MLP@0"], ["embed@1", "L1H0@-3"], ["L1 resid@-2"]]
+    names = sorted({name for s in sets for name in s})
+    lengths = [len(p.split()) for p in PROMPTS]
+    zero = ablation.run(model, PROMPTS, TARGET, DISTRACTOR, node_sets=sets, rows=4)
+    want = [[hooks_ablated(hf, p, s, None, t, d) for s in sets] for p, t, d in zip(PROMPTS, TARGET, DISTRACTOR)]
+    assert_close(zero.values, torch.tensor(want), **TOL)
+    mean = ablation.run(model, PROMPTS, TARGET, DISTRACTOR, node_sets=sets, ablation="mean", reference=REFERENCE)
+    means = {n: hooks_means(hf, names, per_position=True, length=n) for n in set(lengths)}
+    want = [[hooks_ablated(hf, p, s, means[n], t, d) for s in sets]
+            for p, n, t, d in zip(PROMPTS, lengths, TARGET, DISTRACTOR)]
+    assert_close(mean.values, torch.tensor(want), **TOL)
+    assert (zero.values[:, 0] - torch.tensor(zero.per_prompt["clean_metric"])).abs().min() > 1e-3
+    with pytest.raises(ValueError, match="position 4 is outside a prompt of 4 tokens"):
+        ablation.run(model, PROMPTS, TARGET, DISTRACTOR, node_sets=[["L0H1@4"]])
+    with pytest.raises(ValueError, match="unknown node name 'L0H1@x'"):
+        ablation.run(model, PROMPTS, TARGET, DISTRACTOR, node_sets=[["L0H1@x"]])
+
+
 def test_padded_batch_equals_one_prompt_at_a_time_and_draws_are_seeded(sharp_zoo):
     _, model = sharp_zoo("gpt2")
     sets = [["L0H1", "L1 MLP"], ["pos_embed"], ["L1 attn"]]
@@ -190,16 +230,17 @@ def test_node_names_are_the_circuit_writers_and_bad_input_is_refused(sharp_zoo):
     hf, model = sharp_zoo("gpt2")
     a = arch_of(model)
     nodes = ablation_nodes(a.n_layers, a.n_heads, a.embeddings)
-    assert set(circuits.writers(a)) <= set(nodes) and set(nodes) - set(circuits.writers(a)) == {"L0 attn", "L1 attn"}
+    assert set(circuits.writers(a)) <= set(nodes)
+    assert set(nodes) - set(circuits.writers(a)) == {"L0 attn", "L1 attn", "L0 resid", "L1 resid"}
     default = ablation.run(model, PROMPTS[0], "w5", "w9")  # every writer alone
     assert default.labels["set"] == circuits.writers(a)
     one = ablation.run(model, PROMPTS[0], "w5", "w9", node_sets=["L0H1", "L1 MLP"])  # one set
     text = ablation.run(model, PROMPTS[0], "w5", "w9", node_sets="L0H1, L1 MLP; L0H2")
     assert one.labels["set"] == ["L0H1 + L1 MLP"] and text.labels["set"] == ["L0H1 + L1 MLP", "L0H2"]
     assert_close(one.values[0, 0], text.values[0, 0], **TOL)  # other rows in the batch: rounding only
-    with pytest.raises(ValueError, match=r"unknown node name \['L9H0'\]; valid names: embed, pos_embed, L0H0"):
+    with pytest.raises(ValueError, match=r"unknown node name 'L9H0'; valid names: embed, pos_embed, L0 resid, L0H0"):
         ablation.run(model, PROMPTS[0], node_sets=[["L9H0"]])
-    with pytest.raises(ValueError, match="per position aligns positions at the last token.*or per_position=False"):
+    with pytest.raises(ValueError, match="aligns positions at the last token.*or per_position=False"):
         ablation.run(model, PROMPTS, node_sets=["L0H1"], ablation="mean", reference=["w1 w2"])
     with pytest.raises(ValueError, match="resample ablation aligns"):
         ablation.run(model, PROMPTS, node_sets=["L0H1"], ablation="resample", reference=["w1 w2"])
@@ -273,7 +314,7 @@ if ndif is not None:
                                     dict(ablation="resample", reference=REFERENCE, seed=1)],
                          ids=["zero", "mean", "resample"])
 def test_remote_equals_local_in_one_request(server, kwargs):
-    sets = [["L0H1"], ["L1H3", "L0 MLP"], ["L0 attn", "embed"], []]
+    sets = [["L0H1"], ["L1H3", "L0 MLP"], ["L0 attn", "embed"], ["L1 resid@-2", "L0H0@0"], []]
     local = ablation.run(REMOTE_CLIENT, PROMPTS, TARGET, DISTRACTOR, node_sets=sets, **kwargs)
     before = len(server.requests)
     far = ablation.run(REMOTE_CLIENT, PROMPTS, TARGET, DISTRACTOR, node_sets=sets, remote=True, **kwargs)
