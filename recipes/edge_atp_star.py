@@ -1,15 +1,14 @@
 """AtP* on edges: edge attribution patching with the QK fix (and GradDrop), fewer false negatives from saturation.
 
-Kramár et al. 2024 (AtP*) on Syed et al. 2023's edges (`nnattr.circuits`). An edge from writer ``w`` into a reader's
-query or key moves that reader's copy of the stream by ``delta_w`` (clean - corrupted) at every position: through
-the pre-norm exactly, the projection, rotary embedding and any QK-norm to first order, then the softmax exactly:
+Kramár et al. 2024 on Syed et al. 2023's edges (`nnattr.circuits`). An edge from writer ``w`` into a query or key
+moves that reader's copy of the stream by ``delta_w`` (clean - corrupted), at every position: the pre-norm exactly,
+the projection, rotary embedding and any QK-norm to first order, the softmax exactly (`nnattr.kernels.qk_edges`):
 
-    score(w -> query of h) = sum over rows t of g[t] . (softmax(S[t] + dq_w[t] . k * scale) - A[t])
+    score(w -> query of h) = sum over rows t of g[t] . (softmax(S[t] + dq_w[t] . k * scale) - A[t]),  g = dm/dA
 
-``g = d m / d A`` at the corrupted run; a kv head's key moves every head it serves (`nnattr.kernels.qk_edges`).
-Other edges (values, MLPs, logits) are plain EAP, ``delta_w . d m / d x_r``. ``grad_drop=True``: the same with the
-gradient through each layer's residual-stream write dropped in turn, ``sum_l |score_l| / (L - 1)`` (magnitudes).
-Wire: only the scores.                                                       [prompt, writer, reader], NaN: no edge
+A kv head's key moves every head it serves. Other edges (values, MLPs, logits) are plain EAP. ``grad_drop``: each
+layer's residual-stream write's gradient dropped in turn, ``sum_l |score_l| / (L - 1)``. Wire: only the scores
+(``top_k``: each pair's largest).                                              [prompt, writer, reader], NaN: no edge
 
     python recipes/edge_atp_star.py --clean "..." --corrupted "..." --answer " Mary" --distractor " John"
 """
@@ -21,13 +20,13 @@ import torch
 
 from nnattr import circuits, runner
 from nnattr.kernels import (  # kernels by name: they travel to NDIF
-    dropped_gradients, edges_into, first, layer_readers, logit_diff, pair_delta, qk_edges, writer_deltas)
-from nnattr.pairs import Pairs, pairs
+    dropped_gradients, edges_into, first, layer_readers, logit_diff, pair_delta, qk_edges, top_edges, writer_deltas)
+from nnattr.pairs import Pairs, count, pairs
 
 TITLE, UNITS = "AtP* on edges", "estimated effect (metric)"
 
 
-def trace(model, p: Pairs, *, grad_drop: bool, remote=False, backend=None) -> dict:
+def trace(model, p: Pairs, *, grad_drop: bool, top_k: int | None, remote=False, backend=None) -> dict:
     """Clean rows (writers), corrupted rows and one backward (GradDrop: one more per layer); edges per reader layer."""
     n, a, metric, mask = len(p), p.arch, p.metric, p.overlap()
     answer, other = p.clean.answer("target"), p.clean.answer("distractor")
@@ -81,33 +80,35 @@ def trace(model, p: Pairs, *, grad_drop: bool, remote=False, backend=None) -> di
                     g = layer_readers([*g_run[5 * i : 5 * i + 3], g_run[5 * i + 4]], [layer.attn.q_proj.weight,
                                       layer.attn.k_proj.weight, layer.attn.v_proj.weight], stream[2 * i : 2 * i + 2],
                                       norms, **shape)
-                    block = edges_into(g, layer=i, **writers)  # plain EAP, then the QK fix where it applies
-                    block[:, : qk.shape[2], : qk.shape[3]] = qk[r].to(block.device)
-                    scores[r].append(block)
+                    scores[r].append(edges_into(g, layer=i, fixed=qk[r], **writers))  # EAP; the QK fix where it applies
             scores = [torch.cat(s + [edges_into(g_run[-1][:, :, None], layer=n_layers, **writers)], 2)
                       for s, g_run in zip(scores, runs)]  # then the logits
             out["scores"] = (scores[0] if not grad_drop else sum(s.abs() for s in scores[1:]) / (n_layers - 1)).cpu()
+            if top_k:  # each pair's largest: values [pair, k], (writer, reader) indices [pair, k, 2]
+                out["scores"], out["index"] = top_edges(out["scores"], top_k)
             out = nnsight.save(out)
     return out
 
 
 def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None, grad_drop: bool = False,
-        batch_size: int | None = None, remote=False, backend=None) -> circuits.Attribution:
+        top_k: int | None = None, batch_size: int | None = None, remote=False, backend=None) -> circuits.Attribution:
     """AtP* estimate of patching each edge from clean into corrupted, per pair (see the module doc).
 
     answer: the clean prompt's answer token; distractor: subtract its logit.
     metric: a function of the logits [batch, pos, vocab] -> [batch], replacing the logit difference.
     grad_drop: GradDrop: average over layers the magnitude of the score with that layer's gradient dropped.
+    top_k: return only each pair's top_k edges by magnitude (the rest NaN): for large models.
     """
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=("attn",), align=None)  # summed
     p.arch.require_readers(TITLE)
     p.arch.require_softmax(TITLE, instead="edge_attribution_patching (plain AtP)")
     if grad_drop and p.arch.n_layers < 2:
         raise ValueError("grad_drop=True needs 2 layers or more (it averages over the others); use grad_drop=False")
-    out = runner.run(trace, model, p, grad_drop=bool(grad_drop), batch_size=batch_size, remote=remote, backend=backend)
-    how = "QK fix + GradDrop, magnitudes" if grad_drop else "QK fix"
-    return circuits.edge_result(p, out, method="atp*", steps=0, top_k=None, units=UNITS, title=f"{TITLE} ({how})",
-                                recipe="edge_atp_star", meta={"grad_drop": bool(grad_drop)})
+    k = None if top_k is None else count(top_k, "top_k")
+    out = runner.run(trace, model, p, grad_drop=bool(grad_drop), top_k=k, batch_size=batch_size, remote=remote,
+                     backend=backend)
+    return circuits.edge_result(p, out, method="atp*", steps=0, top_k=k, units=UNITS, recipe="edge_atp_star", meta={
+        "grad_drop": bool(grad_drop)}, title=f"{TITLE} ({'QK fix + GradDrop, magnitudes' if grad_drop else 'QK fix'})")
 
 
 if __name__ == "__main__":

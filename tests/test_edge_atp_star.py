@@ -31,7 +31,7 @@ def reference(arch, **kw):
 
 
 @pytest.mark.parametrize("arch", [a for a in tiny.ARCHS if a not in REFUSED])
-def test_matches_the_reference_on_every_family(sharp_zoo, arch):
+def test_matches_the_reference_on_every_family(sharp_zoo, arch, record_property):
     """Exact where queries and keys are affine in the pre-norm's output; QK-norm families move them to first order
     (a forward-mode product), so their reference is a central difference on the norm's output in a float64 model
     (whose norms still compute in float32: the quotient carries float32 rounding, 3e-4 on scores up to 6)."""
@@ -40,6 +40,9 @@ def test_matches_the_reference_on_every_family(sharp_zoo, arch):
     if arch in QK_NORM:
         step, tol = (1e-2, 2e-3) if arch == "qwen3_moe" else (1e-3, 3e-4)  # a float32 quotient: a larger step
         assert compare(result, reference(arch, step=step), nnattr.arch.arch_of(model)) < tol
+        record_property("approximate", "queries and keys move through the QK-norm to first order (the softmax is "
+                                       "exact)" + ("; heads pass the norm after attention at its measured scale"
+                                                   if not nnattr.arch.arch_of(model).head_exact else ""))
     else:
         assert compare(result, reference(arch), nnattr.arch.arch_of(model)) < 1e-4  # float32, saturated heads
     assert result.meta["method"] == "atp*" and result.method == "edge_atp_star"
@@ -63,6 +66,17 @@ def test_other_edges_are_plain_eap_and_small_changes_agree(sharp_zoo):
     qk = torch.tensor([r.endswith((" q", " k")) for r in star.labels["reader"]])
     torch.testing.assert_close(star.values[..., ~qk], plain.values[..., ~qk], equal_nan=True, atol=1e-6, rtol=0)
     assert torch.equal(star.values.isnan(), plain.values.isnan())
+
+
+def test_top_k_keeps_each_pairs_largest(sharp_zoo):
+    _, model = sharp_zoo("llama")
+    every = edge_atp_star.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)
+    top = edge_atp_star.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, top_k=7)
+    for i in range(len(CLEAN)):
+        kept = ~top.values[i].isnan()
+        assert kept.sum() == 7 and torch.equal(top.values[i][kept], every.values[i][kept])
+        assert every.values[i][~kept].nan_to_num().abs().max() <= top.values[i][kept].abs().min()
+    assert top.meta["top_k"] == 7
 
 
 @pytest.mark.parametrize("arch", REFUSED)

@@ -501,8 +501,9 @@ if ndif is not None:
     (atp_star, dict(grad_drop=True)),  # GradDrop: one backward per layer, same request
     (edge_atp_star, dict()),  # the QK fix on edges: forward-mode products through the graph, on the server
     (edge_atp_star, dict(grad_drop=True)),
+    (edge_atp_star, dict(top_k=10)),
 ], ids=["atp", "ig", "exact", "exact-session", "edges", "edges-ig", "edges-top", "atp-star", "atp-star-gd",
-        "edge-atp-star", "edge-atp-star-gd"])
+        "edge-atp-star", "edge-atp-star-gd", "edge-atp-star-top"])
 def test_remote_equals_local_in_one_request(server, recipe, kwargs):
     local = recipe.run(REMOTE_CLIENT, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, **kwargs)
     before = len(server.requests)

@@ -192,7 +192,8 @@ def head_deltas(delta_z: torch.Tensor, W_O: torch.Tensor, post: tuple[torch.Tens
 
 def edges_into(grads: torch.Tensor, embeds: torch.Tensor, z: list[torch.Tensor], mlps: list[torch.Tensor], *,
                W_O: list[torch.Tensor], n_heads: int, conv1d: bool = False, layer: int, parallel: bool = False,
-               post: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None, **norm) -> torch.Tensor:
+               post: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None, fixed: torch.Tensor | None = None,
+               **norm) -> torch.Tensor:
     """The scores of every edge into one reader layer: ``[n, writer, reader]``, NaN where no edge runs.
 
     grads: ``[n, pos, reader, d_model]`` the readers' gradients in the residual stream (layer
@@ -203,7 +204,8 @@ def edges_into(grads: torch.Tensor, embeds: torch.Tensor, z: list[torch.Tensor],
     `head_deltas`. Writers: the
     embeddings, then per layer its heads and its MLP. A layer's MLP reads its own heads unless the
     block is ``parallel``. Each layer's head changes are rebuilt here, one layer at a time, so no
-    ``[n, pos, writer, d_model]`` buffer is ever held.
+    ``[n, pos, writer, d_model]`` buffer is ever held. ``fixed`` ``[n, w, r]``: scores that replace the first ``w``
+    writers' edges into the first ``r`` readers (AtP*'s QK fix: `nnattr.kernels.qk_edges`).
     """
     norm = {key: norm[key] for key in ("norm", "eps", "weight_offset") if key in norm}  # (a layout may come too)
 
@@ -223,7 +225,10 @@ def edges_into(grads: torch.Tensor, embeds: torch.Tensor, z: list[torch.Tensor],
             heads = head_deltas(z[i], W, None if post is None else post[i], **norm)  # [n, pos, head, d_model]
             block[:, :-1, -1:] = product(heads, grads[:, :, -1:])
         blocks.append(block)
-    return torch.cat(blocks, 1)
+    out = torch.cat(blocks, 1)
+    if fixed is not None:
+        out[:, : fixed.shape[1], : fixed.shape[2]] = fixed.to(out.device)
+    return out
 
 
 def writer_deltas(embeds: torch.Tensor, z: list[torch.Tensor], mlps: list[torch.Tensor], *, W_O: list[torch.Tensor],
