@@ -468,6 +468,25 @@ def _edges(section, *, model, prompts, corrupted, out, options, **_):
         f"of the residual stream (Syed et al. 2023), on the corrupted run. The edges out of a head sum to its "
         f"attribution-patching score above, and the edges into a reader to attribution patching at that reader's "
         f"input. Blank cells: no edge (a writer never reaches a reader of its own or an earlier layer).")
+    from .recipes import edge_atp_star
+
+    try:  # AtP*'s QK fix on the same edges: where saturated attention hides an edge from EAP
+        star = edge_atp_star.run(model, prompts, corrupted, **options)
+    except ValueError as error:  # a family whose softmax it cannot recompute (Falcon, sinks, soft-capped scores)
+        section.text += f" AtP* on edges is not available here: {error}"
+        return
+    fixed = (star.mean() if len(star) > 1 else star[0]).values  # [writer, reader]
+    gap = (fixed - mean.values).abs().nan_to_num(0).flatten()
+    W, R = result.labels["writer"], result.labels["reader"]
+    rows = [[W[i // len(R)], R[i % len(R)], number(mean.values.flatten()[i]), number(fixed.flatten()[i])]
+            for i in gap.topk(min(5, len(gap))).indices.tolist() if gap[i] > 1e-3 * gap.max().clamp(min=1e-12)]
+    section.results["edges_atp_star"] = star.to_dict()
+    section.tables.append((["writer", "reader", "EAP", "AtP* (QK fix)"], rows))
+    section.text += (
+        " The last table lists the edges whose estimate changes most under AtP*'s QK fix (Kramár et al. 2024), which "
+        "recomputes the softmax of the query or key an edge moves instead of following its gradient: where a head's "
+        "attention is saturated the gradient is nearly zero and EAP misses the edge (a false negative). Exact "
+        "patching of single edges decides between them (docs/methods/atp_star.md).")
 
 
 def _patching(section, *, model, prompts, corrupted, target, distractor, out, options, top, progress=None, **_):
