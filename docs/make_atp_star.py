@@ -101,7 +101,7 @@ def l0h2_path(model) -> dict[str, float]:
     s2 = c.shape[1] - 5
     return {"exact": patched(exact_v), "norm linear, rest exact": patched(linear_v),
             "norm exact, rest linear": float((grad_v * exact_v).sum()), "EAP": float((grad_v * linear_v).sum()),
-            "L0H2 attention from S2": float(logits.attentions[0][0, 2, s2].max()),
+            "L0H2 attention from S2": float(logits.attentions[0][0, 2, s2].detach().max()),
             "|write change| at S2": float(delta[0, s2].norm()), "|stream| at S2": float(x[0, s2].norm())}
 
 

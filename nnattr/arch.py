@@ -590,8 +590,15 @@ def arch_of(model) -> Arch:
 
 def _softmax_missing(spec: ArchSpec, config) -> str | None:
     """Why AtP*'s QK fix cannot recompute a family's softmax from the attention interface's inputs (None: it can)."""
+    implementation = getattr(config, "_attn_implementation", None)
     if not spec.attention_interface:
         return "its attention computes its scores itself, not through Hugging Face's attention interface"
+    if implementation not in (None, "eager", "sdpa"):
+        return (f"under {implementation!r} attention the interface receives a mask the fix does not read; load the "
+                f"model with attn_implementation='sdpa' or 'eager'")
+    if getattr(config, "reorder_and_upcast_attn", False) and implementation == "eager":
+        return ("GPT-2 with reorder_and_upcast_attn=True computes its eager scores itself, not through the attention "
+                "interface; load the model with attn_implementation='sdpa'")
     if spec.attention_sinks:
         return "its learned attention sinks take part in the softmax"
     if getattr(config, "attn_logit_softcapping", None):

@@ -105,6 +105,25 @@ class Batch:
     def lengths(self) -> tuple[int, ...]:
         return tuple(map(len, self.ids))
 
+    def check_reference(self, prompts: "Batch", *, ablation: str, per_position: bool, from_start: bool) -> None:
+        """Refuse reference prompts (this batch) whose values cannot stand in for ``prompts``' at the same position:
+        per-position values are aligned at the last token, so each prompt needs reference values at all its
+        positions, and a position counted from the start (``from_start``: some node at ``@p``, ``p >= 0``) names
+        the same token in every prompt only where all are of one length."""
+        if not (per_position or ablation == "resample"):
+            return
+        if max(prompts.lengths) > min(self.lengths):
+            raise ValueError(f"{ablation} ablation aligns positions at the last token, so each prompt needs reference "
+                             f"values at all its positions ({max(prompts.lengths)} tokens; shortest reference prompt: "
+                             f"{min(self.lengths)}): give longer ones"
+                             f"{', or per_position=False' * (ablation == 'mean')}")
+        if from_start and len(set(prompts.lengths + self.lengths)) > 1:
+            raise ValueError(f"a position counted from the start (@0, @1, ...) with {ablation} ablation: reference "
+                             f"values are aligned at the last token, so with prompts and references of lengths "
+                             f"{sorted(set(prompts.lengths + self.lengths))} @p would take another token's values. "
+                             f"Count from the end (@-1 is the last token), give prompts and references of one length"
+                             f"{', or use per_position=False' * (ablation == 'mean')}")
+
     def __getitem__(self, index: slice) -> "Batch":
         """The prompts ``index`` (a slice) as a batch of the same ``width``: a chunk."""
         if not isinstance(index, slice):

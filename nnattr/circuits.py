@@ -126,7 +126,7 @@ def _mean_scores(scores: Attribution) -> tuple[torch.Tensor, list[str], list[str
                          f"{getattr(scores, 'dims', type(scores).__name__)}")
     if scores.meta.get("top_k"):
         raise ValueError(f"these edge scores keep each pair's top {scores.meta['top_k']} only, so the other edges' "
-                         f"means are unknown: run edge_attribution_patching without top_k to build circuits")
+                         f"means are unknown: run the edge recipe without top_k to build circuits")
     values = scores.values.nanmean(0) if scores.values.ndim == 3 else scores.values
     return values, scores.labels["writer"], scores.labels["reader"]
 
@@ -194,6 +194,10 @@ def ablation_order(p: Pairs, ablation: str, seed: int = 0, batch_size: int | Non
     (``"patch"``; ``"zero"`` and ``"mean"`` ignore it), or another pair's drawn with ``seed`` (``"resample"``). Refuses
     an unknown ablation, pairs whose positions do not line up for it, and a ``batch_size`` that would split the
     pairs a mean or a resample is taken over."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"seed={seed!r}, batch_size={batch_size!r}: give ints, seed >= 0 and batch_size >= 1 (or "
+                         f"None: every pair at once)")
     if ablation not in ("patch", "zero", "mean", "resample"):
         raise ValueError(f"ablation={ablation!r}; expected 'patch' (the corrupted run's values), 'zero', 'mean' (over "
                          f"the corrupted prompts) or 'resample' (another pair's corrupted values)")
@@ -207,8 +211,9 @@ def ablation_order(p: Pairs, ablation: str, seed: int = 0, batch_size: int | Non
     if ablation in ("mean", "resample") and batch_size is not None and batch_size < len(p):
         raise ValueError(f"{ablation} ablation takes values across the pairs, so they run as one batch: leave "
                          f"batch_size out (given {batch_size} for {len(p)} pairs), or give fewer pairs")
-    if ablation == "resample" and len(p) < 2:
-        raise ValueError("resample ablation draws another pair's corrupted values: give at least 2 pairs")
+    if ablation in ("mean", "resample") and len(p) < 2:
+        raise ValueError(f"{ablation} ablation takes values across pairs (the mean of one is its own corrupted run, "
+                         f"as 'patch'): give at least 2 pairs")
     if ablation != "resample":
         return torch.arange(len(p))
     from .kernels import resample_draws
@@ -216,9 +221,10 @@ def ablation_order(p: Pairs, ablation: str, seed: int = 0, batch_size: int | Non
     return resample_draws(len(p), len(p), 1, ablation="resample", seed=seed, own=True)[:, 0]
 
 
-def faithfulness_result(p: Pairs, out: dict, todo: list[Circuit], *, ablation: str, units: str,
-                        title: str) -> Attribution:
-    """``[prompt, circuit]``: the recovered fraction; ``per_prompt``: the clean, corrupted and circuit metrics."""
+def faithfulness_result(p: Pairs, out: dict, todo: list[Circuit], *, ablation: str, units: str, title: str,
+                        drawn: tuple[torch.Tensor, int] | None = None) -> Attribution:
+    """``[prompt, circuit]``: the recovered fraction; ``per_prompt``: the clean, corrupted and circuit metrics (and
+    with ``drawn = (order, seed)``, resample ablation's draws: the pair each pair took its values from)."""
     base = out["base"]  # [pair, clean / corrupted]
     p.check_metrics(base.T, recovery=True)
     recovered = (out["circuit"] - base[:, 1:]) / (base[:, :1] - base[:, 1:])
@@ -227,9 +233,10 @@ def faithfulness_result(p: Pairs, out: dict, todo: list[Circuit], *, ablation: s
                        method="circuit_faithfulness", by="circuit", units=units, title=title, tokens=p.clean.tokens,
                        metric=p.clean.metric() if p.metric is None else "custom metric",
                        meta={"ablation": ablation, "edges": [len(c) for c in todo],
-                             "total": int(upstream(p.arch).sum())},
+                             "total": int(upstream(p.arch).sum()), **({} if drawn is None else {"seed": drawn[1]})},
                        per_prompt={"clean_metric": base[:, 0].tolist(), "corrupted_metric": base[:, 1].tolist(),
-                                   "circuit_metric": out["circuit"].tolist()})
+                                   "circuit_metric": out["circuit"].tolist(),
+                                   **({} if drawn is None else {"drawn": drawn[0].tolist()})})
 
 
 def columns(a: Arch) -> list[torch.Tensor]:
@@ -254,6 +261,8 @@ def curve(model, clean, corrupted, answer=None, distractor=None, *, scores: Attr
     total = int((~_mean_scores(scores)[0].isnan()).sum())
     sizes = sizes or sorted({max(1, round(total * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)} | {total})
     todo = [(build or top_edges)(scores, n) for n in sizes]
+    if ablation != "patch":  # with nothing kept the model is not the corrupted run: measure it (MIB's normalisation)
+        todo = [Circuit(frozenset(), total, "empty")] + todo
     result = circuit_faithfulness.run(model, clean, corrupted, answer, distractor, circuit=todo, ablation=ablation,
                                       **options)
     result.meta.update(areas(result))
@@ -261,14 +270,21 @@ def curve(model, clean, corrupted, answer=None, distractor=None, *, scores: Attr
 
 
 def areas(result: Attribution) -> dict[str, float]:
-    """MIB's summaries of a faithfulness curve (`curve`): ``cpr``, the area under the mean recovered fraction
-    against the share of edges kept (trapezoids over the sizes, from an empty circuit at 0), and ``cmd``, the
-    area under its distance from 1. A circuit that keeps everything at every size has cpr 1 and cmd 0."""
-    share = torch.tensor([0.0] + [n / result.meta["total"] for n in result.meta["edges"]])
-    mean = torch.cat([torch.zeros(1), result.values.float().nanmean(0)])  # the empty circuit: 0 (patch)
+    """MIB's summaries of a faithfulness curve (`curve`): ``cpr``, the area under the mean faithfulness against the
+    share of edges kept (trapezoids over the sizes), and ``cmd``, the area under its distance from 1. Faithfulness
+    is the recovered fraction normalised by the empty circuit's, ``(f - f_empty) / (1 - f_empty)``: with
+    ``"patch"`` ablation the empty circuit is the corrupted run (0); with the others `curve` measures it (size 0).
+    A circuit that keeps everything at every size has cpr 1 and cmd 0."""
+    edges, mean = list(result.meta["edges"]), result.values.float().nanmean(0)
+    if 0 in edges:  # measured
+        empty = mean[edges.index(0)]
+    else:  # patch: 0 by definition
+        empty, edges, mean = torch.zeros(()), [0] + edges, torch.cat([torch.zeros(1), mean])
+    share = torch.tensor([n / result.meta["total"] for n in edges])
+    faithful = (mean - empty) / (1 - empty)
     order = share.argsort()
-    share, mean = share[order], mean[order]
-    return {"cpr": float(torch.trapezoid(mean, share)), "cmd": float(torch.trapezoid((1 - mean).abs(), share))}
+    share, faithful = share[order], faithful[order]
+    return {"cpr": float(torch.trapezoid(faithful, share)), "cmd": float(torch.trapezoid((1 - faithful).abs(), share))}
 
 
 def by_edge_attribution(model, clean, corrupted, answer, distractor, sizes=None, **options) -> list[Circuit]:

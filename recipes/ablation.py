@@ -88,12 +88,12 @@ def run(model, prompts, target=None, distractor=None, *, node_sets: str | Sequen
     nodes = ablation_nodes(batch.arch.n_layers, batch.arch.n_heads, batch.arch.embeddings)
     names = ablation_sets(node_sets, nodes)
     ref = None if ablation == "zero" else Batch.of(model, prompts if reference is None else reference)
-    if ref is not None and (per_position or ablation == "resample") and max(batch.lengths) > min(ref.lengths):
-        raise ValueError(f"{ablation} ablation aligns positions at the last token, so each prompt needs reference "
-                         f"values at all its positions ({max(batch.lengths)} tokens; shortest reference prompt: "
-                         f"{min(ref.lengths)}): give longer ones{', or per_position=False' * (ablation == 'mean')}")
+    sets = [[ablation_node(name, nodes) for name in s] for s in names]  # (kind, layer, head, position)
+    if ref is not None:  # values from the reference prompts at each prompt's positions
+        ref.check_reference(batch, ablation=ablation, per_position=per_position,
+                            from_start=any(node[3] is not None and node[3] >= 0 for s in sets for node in s))
     draws = resample_draws(len(ref or []), len(batch), len(names), ablation=ablation, seed=seed, own=reference is None)
-    options = dict(sets=[[ablation_node(name, nodes) for name in s] for s in names], mean=ablation == "mean", rows=rows,
+    options = dict(sets=sets, mean=ablation == "mean", rows=rows,
                    reference=None if ref is None else ref.inputs, per_position=per_position, metric=metric)
     parts = [out for _, _, out in runner.chunks(
         lambda start, chunk, backend: trace(model, chunk, draws=None if draws is None else draws[start:start + len(

@@ -80,8 +80,8 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None, g
     """
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=("head", "head_pos"), align=None)
     p.arch.require_softmax(TITLE, instead="attribution_patching (plain AtP)")
-    if grad_drop and p.arch.n_layers < 2:
-        raise ValueError("grad_drop=True needs 2 layers or more (it averages over the others); use grad_drop=False")
+    if not isinstance(grad_drop, bool) or grad_drop and p.arch.n_layers < 2:
+        raise ValueError(f"grad_drop={grad_drop!r}: True or False (True needs 2 layers or more: it averages over them)")
     out = runner.run(trace, model, p, grad_drop=bool(grad_drop), batch_size=batch_size, remote=remote, backend=backend)
     parts, n = out["parts"], p.arch.n_layers
     total = out["dropped"].abs().sum(0) / (n - 1) if grad_drop else parts.sum((0, -1))

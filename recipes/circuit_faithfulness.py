@@ -108,7 +108,8 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, circuit: Seque
     masks = circuits.ablated(p.arch, todo)  # [circuit, reader, writer]: unknown edge names are refused there
     out = runner.run(trace, model, p, masks=masks, ablation=ablation, order=order, remote=remote, backend=backend,
                      batch_size=batch_size if ablation in ("patch", "zero") else len(p))  # across pairs: one batch
-    return circuits.faithfulness_result(p, out, todo, ablation=ablation, units=UNITS, title=TITLE)
+    return circuits.faithfulness_result(p, out, todo, ablation=ablation, units=UNITS, title=TITLE,
+                                        drawn=(order, seed) if ablation == "resample" else None)
 
 
 if __name__ == "__main__":

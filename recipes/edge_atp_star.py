@@ -20,7 +20,8 @@ import torch
 
 from nnattr import circuits, runner
 from nnattr.kernels import (  # kernels by name: they travel to NDIF
-    dropped_gradients, edges_into, first, layer_readers, logit_diff, pair_delta, qk_edges, top_edges, writer_deltas)
+    dropped_gradients, edge_grad_drop, edges_into, first, layer_readers, logit_diff, pair_delta, qk_edges, top_edges,
+    writer_deltas)
 from nnattr.pairs import Pairs, count, pairs
 
 TITLE, UNITS = "AtP* on edges", "estimated effect (metric)"
@@ -83,7 +84,7 @@ def trace(model, p: Pairs, *, grad_drop: bool, top_k: int | None, remote=False, 
                     scores[r].append(edges_into(g, layer=i, fixed=qk[r], **writers))  # EAP; the QK fix where it applies
             scores = [torch.cat(s + [edges_into(g_run[-1][:, :, None], layer=n_layers, **writers)], 2)
                       for s, g_run in zip(scores, runs)]  # then the logits
-            out["scores"] = (scores[0] if not grad_drop else sum(s.abs() for s in scores[1:]) / (n_layers - 1)).cpu()
+            out["scores"] = (edge_grad_drop(scores) if grad_drop else scores[0]).cpu()  # GradDrop: mean magnitudes
             if top_k:  # each pair's largest: values [pair, k], (writer, reader) indices [pair, k, 2]
                 out["scores"], out["index"] = top_edges(out["scores"], top_k)
             out = nnsight.save(out)
@@ -102,8 +103,8 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, metric=None, g
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=("attn",), align=None)  # summed
     p.arch.require_readers(TITLE)
     p.arch.require_softmax(TITLE, instead="edge_attribution_patching (plain AtP)")
-    if grad_drop and p.arch.n_layers < 2:
-        raise ValueError("grad_drop=True needs 2 layers or more (it averages over the others); use grad_drop=False")
+    if not isinstance(grad_drop, bool) or grad_drop and p.arch.n_layers < 2:
+        raise ValueError(f"grad_drop={grad_drop!r}: True or False (True needs 2 layers or more: it averages over them)")
     k = None if top_k is None else count(top_k, "top_k")
     out = runner.run(trace, model, p, grad_drop=bool(grad_drop), top_k=k, batch_size=batch_size, remote=remote,
                      backend=backend)

@@ -187,6 +187,8 @@ def test_streams_and_single_positions_equal_the_hooks_reference(sharp_zoo, arch)
     zero = ablation.run(model, PROMPTS, TARGET, DISTRACTOR, node_sets=sets, rows=4)
     want = [[hooks_ablated(hf, p, s, None, t, d) for s in sets] for p, t, d in zip(PROMPTS, TARGET, DISTRACTOR)]
     assert_close(zero.values, torch.tensor(want), **TOL)
+    sets = [["L0 resid"], ["L1 resid@-2"], ["L0H1@-1", "L1 MLP@-4"], ["embed@-2", "L1H0@-3"]]  # aligned at the end
+    names = sorted({name for s in sets for name in s})
     mean = ablation.run(model, PROMPTS, TARGET, DISTRACTOR, node_sets=sets, ablation="mean", reference=REFERENCE)
     means = {n: hooks_means(hf, names, per_position=True, length=n) for n in set(lengths)}
     want = [[hooks_ablated(hf, p, s, means[n], t, d) for s in sets]
@@ -197,6 +199,12 @@ def test_streams_and_single_positions_equal_the_hooks_reference(sharp_zoo, arch)
         ablation.run(model, PROMPTS, TARGET, DISTRACTOR, node_sets=[["L0H1@4"]])
     with pytest.raises(ValueError, match="unknown node name 'L0H1@x'"):
         ablation.run(model, PROMPTS, TARGET, DISTRACTOR, node_sets=[["L0H1@x"]])
+    for kwargs in (dict(ablation="mean"), dict(ablation="resample")):  # values aligned at the end: @0 is ambiguous
+        with pytest.raises(ValueError, match="counted from the start"):
+            ablation.run(model, PROMPTS, TARGET, DISTRACTOR, node_sets=[["L0H1@0"]], reference=REFERENCE, **kwargs)
+    one_length = ablation.run(model, PROMPTS[:1] * 2, TARGET[:1] * 2, DISTRACTOR[:1] * 2, node_sets=[["L0H1@0"]],
+                              ablation="mean", reference=[PROMPTS[0], PROMPTS[0]])  # the prompt itself: no change
+    assert_close(one_length.values[:, 0], torch.tensor(one_length.per_prompt["clean_metric"]), **TOL)
 
 
 def test_padded_batch_equals_one_prompt_at_a_time_and_draws_are_seeded(sharp_zoo):
@@ -314,7 +322,7 @@ if ndif is not None:
                                     dict(ablation="resample", reference=REFERENCE, seed=1)],
                          ids=["zero", "mean", "resample"])
 def test_remote_equals_local_in_one_request(server, kwargs):
-    sets = [["L0H1"], ["L1H3", "L0 MLP"], ["L0 attn", "embed"], ["L1 resid@-2", "L0H0@0"], []]
+    sets = [["L0H1"], ["L1H3", "L0 MLP"], ["L0 attn", "embed"], ["L1 resid@-2", "L0H0@-3"], []]
     local = ablation.run(REMOTE_CLIENT, PROMPTS, TARGET, DISTRACTOR, node_sets=sets, **kwargs)
     before = len(server.requests)
     far = ablation.run(REMOTE_CLIENT, PROMPTS, TARGET, DISTRACTOR, node_sets=sets, remote=True, **kwargs)

@@ -80,6 +80,19 @@ def test_mean_and_resample_ablation_match_the_reference(sharp_zoo, arch, ablatio
     assert result.meta["ablation"] == ablation
 
 
+def test_curve_normalises_by_the_empty_circuit_where_it_is_not_the_corrupted_run(sharp_zoo):
+    _, model = sharp_zoo("gpt2")
+    scores, total = edges_of(model)
+    c = circuits.curve(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, scores=scores, sizes=[total // 4, total],
+                       ablation="zero")
+    assert c.meta["edges"] == [0, total // 4, total] and c.labels["circuit"][0] == "empty"
+    mean = c.values.float().mean(0)
+    assert abs(mean[0]) > 1e-3  # zero-ablating every edge is not the corrupted run
+    faithful, share = (mean - mean[0]) / (1 - mean[0]), torch.tensor([0, (total // 4) / total, 1.0])
+    assert c.meta["cpr"] == pytest.approx(float(torch.trapezoid(faithful, share)), abs=1e-6)
+    assert c.meta["cmd"] == pytest.approx(float(torch.trapezoid((1 - faithful).abs(), share)), abs=1e-6)
+
+
 def test_top_edges_and_greedy(sharp_zoo):
     _, model = sharp_zoo("llama")
     scores, total = edges_of(model)
@@ -122,8 +135,13 @@ def test_bad_options_are_refused(sharp_zoo):
         cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, edges=3, ablation="mode")
     with pytest.raises(ValueError, match="one batch"):
         cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, edges=3, ablation="mean", batch_size=1)
-    with pytest.raises(ValueError, match="at least 2 pairs"):
-        cf.run(model, CLEAN[:1], CORRUPTED[:1], ANSWER[:1], DISTRACTOR[:1], edges=3, ablation="resample")
+    for one_pair in ("mean", "resample"):
+        with pytest.raises(ValueError, match="at least 2 pairs"):
+            cf.run(model, CLEAN[:1], CORRUPTED[:1], ANSWER[:1], DISTRACTOR[:1], edges=3, ablation=one_pair)
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, edges=3, ablation="mean", batch_size=0)
+    with pytest.raises(ValueError, match="seed='x'"):
+        cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, edges=3, seed="x")
     with pytest.raises(ValueError, match="a circuit's edges are \\(writer, reader\\) name pairs"):
         cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=[{"L0H0"}])
     by_hand = cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit={("L1H0", "logits"), ("L0H1", "L1H0 v")})

@@ -53,8 +53,9 @@ def test_grad_drop_matches_detached_blocks(sharp_zoo, arch):
     _, model = sharp_zoo(arch)
     result = edge_atp_star.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, grad_drop=True)
     n = model.config.num_hidden_layers
-    runs = [reference(arch, drop=layer) for layer in range(n)]
-    want = {edge: sum(run[edge].abs() for run in runs) / (n - 1) for edge in runs[0]}
+    runs = [reference(arch, drop=layer) for layer in range(n)]  # dropping a reader's own layer zeroes its edges:
+    want = {edge: sum(run[edge].abs() for run in runs) / (n if edge[1] == "logits" else n - 1)  # the others' mean
+            for edge in runs[0]}
     assert compare(result, want, nnattr.arch.arch_of(model)) < 1e-4
     assert result.meta["grad_drop"] is True
 
@@ -66,6 +67,19 @@ def test_other_edges_are_plain_eap_and_small_changes_agree(sharp_zoo):
     qk = torch.tensor([r.endswith((" q", " k")) for r in star.labels["reader"]])
     torch.testing.assert_close(star.values[..., ~qk], plain.values[..., ~qk], equal_nan=True, atol=1e-6, rtol=0)
     assert torch.equal(star.values.isnan(), plain.values.isnan())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_padded_batch_equals_each_pair_alone(sharp_zoo, arch):
+    """Pairs of different lengths (and a pair whose prompts differ in length) left-padded in one batch."""
+    _, model = sharp_zoo(arch)
+    clean, corrupted = tiny.prompts(3, lengths=(5, 7, 4)), tiny.prompts(3, seed=4, lengths=(5, 7, 6))
+    answer, distractor = ["w5", "w17", "w42"], ["w9", "w3", "w60"]
+    for grad_drop in (False, True):
+        batch = edge_atp_star.run(model, clean, corrupted, answer, distractor, grad_drop=grad_drop)
+        for i in range(3):
+            alone = edge_atp_star.run(model, clean[i], corrupted[i], answer[i], distractor[i], grad_drop=grad_drop)
+            torch.testing.assert_close(batch.values[i], alone.values[0], atol=2e-5, rtol=2e-5, equal_nan=True)
 
 
 def test_top_k_keeps_each_pairs_largest(sharp_zoo):

@@ -153,3 +153,12 @@ def dropped_gradients(total: torch.Tensor, acts: Sequence[torch.Tensor], writes:
             dropped[j] = plain[j] - (torch.zeros_like(plain[j]) if p is None else p)
         runs.append(dropped)
     return [plain] + runs
+
+
+def edge_grad_drop(runs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """GradDrop on edges: ``[plain, dropped layer 0, ..., dropped layer L-1]`` scores ``[n, writer, reader]`` (the
+    logits the last reader) -> each edge's mean magnitude over the dropped layers that can change it. Dropping a
+    reader's own layer zeroes its edges, so a reader in a layer averages over the other ``L - 1``; no layer is
+    downstream of the logits, so theirs is over all ``L`` (their plain magnitude)."""
+    total = sum(run.abs() for run in runs[1:])
+    return torch.cat([total[..., :-1] / (len(runs) - 2), total[..., -1:] / (len(runs) - 1)], -1)
