@@ -17,7 +17,7 @@ import torch
 
 import nnattr
 from nnattr import circuits
-from nnattr.recipes import attribution_patching, edge_attribution_patching as eap
+from nnattr.recipes import attribution_patching, edge_atp_star, edge_attribution_patching as eap
 from tests.support import edges_reference as er
 from tests.support import reference as ref
 from tests.support import tiny
@@ -111,10 +111,11 @@ def test_a_padded_batch_equals_its_pairs_alone(sharp_zoo):
             torch.testing.assert_close(batch.values[i], alone.values[0], atol=1e-5, rtol=1e-4, equal_nan=True)
 
 
-def test_top_k_returns_each_pairs_largest_edges_only(sharp_zoo):
-    _, model = sharp_zoo("gpt2")
-    full = eap.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)
-    top = eap.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, top_k=5)
+@pytest.mark.parametrize("recipe, arch", [(eap, "gpt2"), (edge_atp_star, "llama")], ids=["eap", "atp-star"])
+def test_top_k_returns_each_pairs_largest_edges_only(sharp_zoo, recipe, arch):
+    _, model = sharp_zoo(arch)
+    full = recipe.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR)
+    top = recipe.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, top_k=5)
     for i in range(len(CLEAN)):
         kept = ~torch.isnan(top.values[i])
         assert kept.sum() == 5 and top.meta["top_k"] == 5

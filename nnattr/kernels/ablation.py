@@ -4,7 +4,7 @@ A node is a writer to the residual stream, named as `nnattr.circuits.writers` na
 (``embed``, ``pos_embed``), a head (``L3H1``: its ``d_head`` slice of the output projection's input), an MLP
 (``L3 MLP``: its write), and also a whole attention write (``L3 attn``) and the residual stream entering a layer
 (``L3 resid``). ``@p`` restricts a node to one position (``L3H1@-2``: counted from the last token when negative,
-from each prompt's first token otherwise). A batch row ablates one set of nodes: ``ablation_masks`` gives, per
+counted from each prompt's first token otherwise). A batch row ablates one set of nodes: ``ablation_masks`` gives, per
 site ``(kind, layer)`` some row ablates, a ``[rows, 1 or pos, width]`` mask (a head's channels, or width 1 for a
 whole write; the positions where a node has one), and ``ablate`` replaces the masked entries of the activation
 ``[rows, pos, width]`` by 0, by a mean (``reference_mean``: ``[pos, width]`` per position, or ``[1, width]`` over

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .edges import apply_norm
 from .patching import gradients
 
 
@@ -102,11 +103,10 @@ def qk_edges(deltas: Iterable[torch.Tensor], stream: torch.Tensor, norm_weight: 
     gs = [g.float().reshape(n, t, h, d).transpose(1, 2) @ vx.transpose(-1, -2) for g in grads_z]  # d m / d A
     products = [_forward_product(out_, y) for out_ in (q, k)]  # tangents at y -> moves of the queries, the keys
     x, out = stream.detach().float()[:, :, None], []
-    base = x if norm_weight is None else _normed(x, norm_weight, norm=norm, eps=eps, weight_offset=weight_offset)
+    shape = dict(norm=norm, eps=eps, weight_offset=weight_offset)
+    base = apply_norm(x, norm_weight, **shape)  # (no bias: it cancels in the difference; None: no norm)
     for block in deltas:  # [n, pos, writer, d_model]
-        moved = x + block.float()
-        dy = (moved if norm_weight is None else _normed(moved, norm_weight, norm=norm, eps=eps,
-                                                          weight_offset=weight_offset)) - base
+        dy = apply_norm(x + block.float(), norm_weight, **shape) - base
         dq, dk = (jvp(dy.movedim(2, 0).to(y.dtype)).float() for jvp in products)
         dk = _heads(dk.flatten(0, 1), h).unflatten(0, dk.shape[:2])  # [writer, n, head, pos, d]
         rows = _masked(raw + dq @ k0.transpose(-1, -2) * scaling, mask).softmax(-1) - a  # [writer, n, head, t, s]
@@ -114,12 +114,6 @@ def qk_edges(deltas: Iterable[torch.Tensor], stream: torch.Tensor, norm_weight: 
         key = [(cols * g).sum((-1, -2)).unflatten(-1, (k.shape[1], -1)).sum(-1) for g in gs]  # per kv head
         out.append(torch.stack([torch.cat([(rows * g).sum((-1, -2)), kk], -1) for g, kk in zip(gs, key)]))
     return torch.cat(out, 1).transpose(1, 2)  # [run, writer, n, reader] -> [run, n, writer, reader]
-
-
-def _normed(x: torch.Tensor, weight: torch.Tensor, *, norm: str, eps: float, weight_offset: float) -> torch.Tensor:
-    """LayerNorm or RMSNorm of ``x`` times ``(offset + weight)`` (no bias: it cancels in a difference)."""
-    centred = x - x.mean(-1, keepdim=True) if norm == "layernorm" else x
-    return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + weight_offset)
 
 
 def _forward_product(out: torch.Tensor, inp: torch.Tensor):
