@@ -22,11 +22,10 @@ from typing import Literal, Sequence
 
 import nnsight
 import torch
-from einops import einsum
 
 from nnattr import circuits, runner
 from nnattr.kernels import (  # kernels by name: they travel to NDIF
-    apply_norm, first, head_deltas, logit_diff, o_proj_per_head, reader_projections)
+    ablated_streams, apply_norm, first, head_deltas, logit_diff, o_proj_per_head, reader_projections)
 from nnattr.pairs import Pairs, pairs
 
 TITLE, UNITS = "Circuit faithfulness", "recovered fraction"
@@ -38,8 +37,8 @@ def trace(model, p: Pairs, *, masks: torch.Tensor, ablation: str, order: torch.T
     a, n, metric, C = p.arch, len(p), p.metric, masks.shape[0]
     answer, other = p.clean.answer("target"), p.clean.answer("distractor")
     cols, norm = circuits.columns(a), a.norm_shape  # each attention reader's projection columns; the norms' shape
-    embeds, parallel, normed, conv1d, H, KV = a.embeddings, a.parallel, a.pre_norms, a.o_proj_conv1d, a.n_heads, \
-        a.n_kv_heads
+    embeds, parallel, normed, conv1d, H, KV, exact = a.embeddings, a.parallel, a.pre_norms, a.o_proj_conv1d, \
+        a.n_heads, a.n_kv_heads, a.head_exact
     per_layer, rows, mask = H + 2 * KV + 1, C * n, masks.repeat_interleave(n, 0)  # [rows, reader, writer]
     slices = [slice(0, H), slice(H, H + KV), slice(H + KV, H + 2 * KV)]  # query heads, keys, values
     last = {} if metric else {"logits_to_keep": 1}
@@ -58,11 +57,10 @@ def trace(model, p: Pairs, *, masks: torch.Tensor, ablation: str, order: torch.T
         with torch.no_grad(), model.trace(runs, **last):
             changes = [torch.stack([off(first(getattr(model, e).output).expand(rows, -1, -1), b)
                                     for e, b in zip(embeds, was[0])], 2)]  # per writer block: [rows, pos, w, d]
+            post = [None]  # per writer block: heads behind a norm after attention (its weight, the heads, bias)
             for i, layer in enumerate(model.layers):
                 x, r = layer.input, i * per_layer  # the stream, and this layer's first reader
-                done = torch.cat(changes, 2)
-                inputs = x[:, :, None] - einsum(done, mask[:, r : r + per_layer - 1, : done.shape[2]],
-                                                "b p w d, b r w -> b p r d")  # each attention reader's own
+                inputs = ablated_streams(x, changes, mask[:, r : r + per_layer - 1], post, **norm)  # each reader's own
                 inputs = apply_norm(inputs, layer.attn_norm.weight if normed else None,
                                     getattr(layer.attn_norm, "bias", None) if normed else None, **norm)
                 for proj, col, part in zip((layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj), cols, slices):
@@ -71,16 +69,17 @@ def trace(model, p: Pairs, *, masks: torch.Tensor, ablation: str, order: torch.T
                                                                  conv1d=conv1d).flatten(-2)
                 W_O = o_proj_per_head(layer.attn.o_proj.weight, n_heads=H, conv1d=conv1d)  # [head, d_head, d_model]
                 changes.append(head_deltas(off(layer.attn.o_proj.input, was[1][i]), W_O))  # each head's change
+                post.append(None if exact else (layer.attn_out.weight, head_deltas(layer.attn.o_proj.input, W_O),
+                                                layer.attn.o_proj.bias))  # heads behind a norm: their values
                 mid = x if parallel else x + first(layer.attn_out.output, rows)
-                done = torch.cat(changes, 2)
-                own = mid - einsum(done, mask[:, r + per_layer - 1, : done.shape[2]], "b p w d, b w -> b p d")
+                own = ablated_streams(mid, changes, mask[:, r + per_layer - 1], post, **norm)
                 given = layer.mlp_in.input
                 own = apply_norm(own, layer.mlp_norm.weight if normed else None,
                                  getattr(layer.mlp_norm, "bias", None) if normed else None, **norm)
                 layer.mlp_in.input = own.reshape(given.shape)  # OPT's MLP reads the flattened stream
                 changes.append(off(first(layer.mlp_out.output, rows), was[2][i])[:, :, None])
-            done = torch.cat(changes, 2)
-            model.ln_f.input = model.ln_f.input - einsum(done, mask[:, -1], "b p w d, b w -> b p d")
+                post.append(None)
+            model.ln_f.input = ablated_streams(model.ln_f.input, changes, mask[:, -1], post, **norm)
             out = nnsight.save({"circuit": value(model.output.logits, C).view(C, n).T.cpu(),  # [pair, circuit]
                                 "base": base.view(2, n).T.cpu()})  # [pair, clean / corrupted]
     return out
@@ -102,7 +101,6 @@ def run(model, clean, corrupted, answer=None, distractor=None, *, circuit: Seque
     p = pairs(model, clean, corrupted, answer, distractor, metric=metric, nodes=("attn",), align=None)
     order = circuits.ablation_order(p, ablation, seed, batch_size)  # each pair's source of ablated values
     p.arch.require_readers(TITLE)
-    p.arch.require_exact_heads(f"{TITLE} (edges out of heads)")
     todo = circuits.to_test(model, clean, corrupted, answer, distractor, circuit=circuit, edges=edges, metric=metric,
                             remote=remote, backend=backend)  # the circuits given, or built by EAP-IG
     masks = circuits.ablated(p.arch, todo)  # [circuit, reader, writer]: unknown edge names are refused there

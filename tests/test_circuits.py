@@ -25,7 +25,6 @@ from tests.support import tiny
 from tests.test_edges import ANSWER, CLEAN, CORRUPTED, DISTRACTOR, ids, tokens
 
 torch.set_num_threads(1)
-EXACT = [a for a in tiny.ARCHS if nnattr.arch.arch_of(tiny.CONFIGS[a]()).head_exact]
 
 
 def edges_of(model):
@@ -33,7 +32,7 @@ def edges_of(model):
     return result, int((~result.values[0].isnan()).sum())
 
 
-@pytest.mark.parametrize("arch", EXACT)
+@pytest.mark.parametrize("arch", tiny.ARCHS)
 def test_every_edge_is_the_clean_run_and_none_the_corrupted_one(sharp_zoo, arch):
     _, model = sharp_zoo(arch)
     scores, total = edges_of(model)
@@ -44,12 +43,16 @@ def test_every_edge_is_the_clean_run_and_none_the_corrupted_one(sharp_zoo, arch)
     torch.testing.assert_close(metrics[:, 0], torch.tensor(result.per_prompt["clean_metric"]), atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "gptj", "falcon_new", "phi3", "gpt_neox", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "gptj", "falcon_new", "phi3", "gpt_neox", "qwen2_moe",
+                                  "gemma2", "olmo2", "gemma3_text"])  # the last three: heads behind a norm
 @pytest.mark.parametrize("ablation", ["patch", "zero"])
 def test_a_circuit_matches_the_edge_ablated_reference(sharp_zoo, arch, ablation):
     hf, model = sharp_zoo(arch)
     scores, total = edges_of(model)
     kept = [circuits.greedy(scores, total // 4), circuits.top_edges(scores, total // 3)]
+    if ablation == "zero" and arch == "gemma3_text":  # a reader with every edge zeroed reads float rounding through
+        every = {r for r in scores.labels["reader"]}  # its norm (docs/methods/circuits.md): keep one edge into each
+        kept = [c | circuits.Circuit(frozenset(("embed", r) for r in every)) for c in kept]
     result = cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=kept, ablation=ablation)
     names = {e: f"embed{j}" for j, e in enumerate(nnattr.arch.arch_of(model).embeddings)}
     for c, circuit in enumerate(kept):
@@ -119,14 +122,6 @@ def test_top_edges_and_greedy(sharp_zoo):
     with pytest.raises(ValueError, match="is not an edge of this model"):
         cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR,
                circuit=circuits.Circuit(frozenset({("L1H0", "L0H0 q")}), total))
-
-
-@pytest.mark.parametrize("arch", [a for a in tiny.ARCHS if a not in EXACT])
-def test_refused_where_head_edges_are_not_exact(sharp_zoo, arch):
-    _, model = sharp_zoo(arch)
-    scores, total = edges_of(model)
-    with pytest.raises(ValueError, match="is not exact on .*each attention output passes through its own norm"):
-        cf.run(model, CLEAN, CORRUPTED, ANSWER, DISTRACTOR, circuit=circuits.top_edges(scores, 3))
 
 
 def test_bad_options_are_refused(sharp_zoo):

@@ -59,5 +59,5 @@ from .tokens import ig_path, integrated_gradients, riemann_mean, source_direct_l
 from .ablation import (ablate, ablation_forwards, ablation_masks, ablation_node, ablation_nodes, ablation_sets,
                        reference_mean, resample_draws)
 from .atp_star import attention_scores, dropped_gradients, edge_grad_drop, qk_edges, qk_fix
-from .edges import (apply_norm, edges_into, head_deltas, layer_readers, norm_vjp, path_mean, qkv_weights,
-                    reader_gradients, reader_projections, split_qkv, top_edges, writer_deltas)
+from .edges import (ablated_streams, apply_norm, edges_into, head_deltas, layer_readers, norm_vjp, path_mean,
+                    qkv_weights, reader_gradients, reader_projections, split_qkv, top_edges, writer_deltas)

@@ -275,3 +275,37 @@ def reader_projections(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     W = (weight.T if conv1d else weight)[columns]  # [reader, c, d_model]
     out = einsum(x, W.to(x.dtype), "... r d, r c d -> ... r c")
     return out if bias is None else out + bias[columns].to(x.dtype)
+
+
+def ablated_streams(x: torch.Tensor, changes: list[torch.Tensor], mask: torch.Tensor,
+                    post: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None] | None = None, *,
+                    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm", eps: float = 0.0,
+                    weight_offset: float = 0.0, **_) -> torch.Tensor:
+    """Each reader's own copy of the stream with its ablated edges taken out (circuit faithfulness).
+
+    x: ``[rows, pos, d_model]`` the stream the readers read; changes: per writer block ``[rows, pos, w, d_model]``
+    (each writer's value in this run minus its ablated value), in the order of ``mask``'s writers; mask:
+    ``[rows, reader, writer]`` (or ``[rows, writer]`` for one reader), 1 where the edge is ablated (writers past
+    the blocks given are ignored). ``post``: per block None, or ``(weight, heads, bias)`` where the block is a
+    layer's heads whose sum passes a norm after attention (Gemma-2/3, OLMo-2/3): ``heads`` ``[rows, pos, head,
+    d_model]`` are their values in this run before that norm (``bias``: the output projection's, or None), and
+    the reader sees the norm of its own attention output, its kept heads' values plus its ablated heads' ablated
+    values, in place of the norm of the whole: the norm recomputed for each reader, summed from the heads it
+    keeps (so ablating every head gives exactly the bias, not a difference of nearly equal terms).
+    Returns ``[rows, pos, reader, d_model]`` (or ``[rows, pos, d_model]``).
+    """
+    one = mask.ndim == 2
+    mask, out, start = (mask[:, None] if one else mask), x[:, :, None], 0
+    for block, extra in zip(changes, post or [None] * len(changes)):
+        m = mask[:, :, start : start + block.shape[2]].to(block.dtype)  # [rows, reader, w]
+        if extra is None:
+            moved = einsum(block, m, "b p w d, b r w -> b p r d")
+        else:
+            weight, heads, bias = extra[0], extra[1], 0 if extra[2] is None else extra[2]
+            whole = heads.sum(2, keepdim=True) + bias  # [rows, pos, 1, d_model]
+            own = einsum(heads, 1 - m, "b p w d, b r w -> b p r d") + einsum(heads - block, m,
+                                                                             "b p w d, b r w -> b p r d") + bias
+            shape = dict(norm=norm, eps=eps, weight_offset=weight_offset)
+            moved = apply_norm(whole, weight, **shape) - apply_norm(own, weight, **shape)
+        out, start = out - moved, start + block.shape[2]
+    return out[:, :, 0] if one else out

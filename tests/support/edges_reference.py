@@ -266,7 +266,9 @@ def edge_ablated_metric(hf, key: str, clean, corrupted, answer, distractor, keep
     reader reads that writer's corrupted value (or nothing, ``zero``; ``source``: the mean over the corrupted
     prompts, ``"mean"``, or row ``i`` prompt ``source[i]``'s) in place of its value in this run. Writers
     are recorded by hooks as this forward computes them; each reader adds ``-sum (now - ablated)`` over its
-    ablated edges to its own copy of its input (`reader_gradients`'s hooks). Equal-length pairs, no padding."""
+    ablated edges to its own copy of its input (`reader_gradients`'s hooks); heads behind a norm after attention
+    (``post_attn``) are summed before it: ``-(norm(a) - norm(a - sum of ablated heads' changes))``, with the
+    norm module itself. Equal-length pairs, no padding."""
     nat, read, n_layers = ref.native(hf), READ[key], len(ref.blocks(hf))
     then = writer_outputs(hf, key, corrupted, None)  # writers: "embed0", "embed1", "L0H0", ..., "L0 MLP", ...
     if source is not None:  # "mean": the mean over the corrupted prompts; else row i reads corrupted prompt source[i]
@@ -290,14 +292,29 @@ def edge_ablated_metric(hf, key: str, clean, corrupted, answer, distractor, keep
 
         hooks.append(block.get_submodule(nat.o_proj).register_forward_pre_hook(heads))
         hooks.append(block.get_submodule(nat.mlp_write).register_forward_hook(mlp))
+        if read.post_attn:  # the attention output the norm after attention reads, in this run
+            hooks.append(block.get_submodule(read.post_attn).register_forward_pre_hook(
+                lambda m, a, i=i: now.__setitem__(f"post{i}", a[0].float())))
 
     def shift(reader):
-        lr, out = _layer(reader, n_layers), 0
-        for w in now:
+        lr, out, behind = _layer(reader, n_layers), 0, {}
+        for w in (w for w in now if not w.startswith("post")):
             lw = _layer(w, n_layers)
             runs = lw < lr or (lw == lr and reader.endswith("MLP") and "H" in w and not read.parallel)
-            if runs and (w, reader) not in keep:
+            if runs and read.post_attn and "H" in w:  # a head behind the norm: its layer's output summed per reader
+                ablated = (w, reader) not in keep
+                value = (torch.zeros_like(now[w]) if zero else then[w]) if ablated else now[w]
+                behind[lw] = behind.get(lw, 0) + value
+                behind.setdefault(("any", lw), False)
+                behind[("any", lw)] |= ablated
+            elif runs and (w, reader) not in keep:
                 out = out - (now[w] - (0 if zero else then[w]))
+        for layer in [k for k in behind if not isinstance(k, tuple) and behind[("any", k)]]:
+            block = ref.blocks(hf)[layer]  # the reader's own attention output (kept heads now, the rest ablated)
+            bias = block.get_submodule(ref.native(hf).o_proj).bias
+            own = behind[layer] + (0 if bias is None else bias.float())
+            norm, a = block.get_submodule(read.post_attn), now[f"post{layer}"]
+            out = out - (norm.forward(a) - norm.forward(own)).float()
         return torch.zeros(clean.shape[0], clean.shape[1], hf.config.hidden_size) + out
 
     return reader_gradients(hf, key, clean, None, answer, distractor, shift=shift, hooks=hooks)

@@ -44,8 +44,7 @@ _PARITY = {"dla_component": DLA["component"], "dla_head": DLA["head"], "dla_head
            "attention_rollout": "attention rollout"}
 TOKEN_ATTENTION = "token attribution, attention path"
 #: A refusal's method (the text `Arch.require_*` was given) -> its column, where the two differ.
-REFUSED_AS = {"Token attribution through attention": TOKEN_ATTENTION,
-              "Circuit faithfulness (edges out of heads)": "circuit faithfulness"}
+REFUSED_AS = {"Token attribution through attention": TOKEN_ATTENTION}
 #: Test function -> the recipe column(s) it checks (a callable reads the test's parameters).
 COLUMNS = {
     "test_dla_components_sum_to_the_logit": [DLA["component"]],
