@@ -300,21 +300,9 @@ REPO, KEY = "nnattr-test/tiny-llama-ablation", "0b7e3c2a-41f6-4c1d-9a8e-5d2f6b1c
 needs_ndif = pytest.mark.skipif(ndif is None, reason="needs the ndif server core (see .ci/run)")
 
 if ndif is not None:
-    from tests.support.fixtures import client_and_server, loopback_fixture
-    from tests.support.ndif_loopback import OLD_SERVER_IMPORT_WHITELIST, offline_repo_ids
+    from tests.support.fixtures import offline_server
 
-    REMOTE_CLIENT, _server_factory = client_and_server(build("llama"), "llama", REPO)  # frozen, sdpa, no aliases
-    _loopback = loopback_fixture({REPO: _server_factory}, api_key=KEY, repo_ids=[REPO], api_keys={KEY},
-                                 import_whitelist=OLD_SERVER_IMPORT_WHITELIST, remote_logging=False)
-
-    @pytest.fixture(scope="module")
-    def server(_loopback):
-        from nnattr import remote
-
-        with offline_repo_ids(REPO):
-            remote._CHECKED.clear()
-            yield _loopback
-        remote._CHECKED.clear()
+    REMOTE_CLIENT, server = offline_server(build("llama"), "llama", REPO, KEY)  # frozen, sdpa, no aliases
 
 
 @needs_ndif

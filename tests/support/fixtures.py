@@ -25,6 +25,7 @@ from .ndif_loopback import LoopbackNDIF, client_config
 
 __all__ = [
     "client_and_server",
+    "offline_server",
     "TINY_REPO_ID",
     "WORDS",
     "loopback_fixture",
@@ -119,6 +120,29 @@ def client_and_server(hf: Any, arch: str, repo_id: str) -> tuple[Any, Callable[[
         return nnsight.TransformersModel(served, tokenizer=tiny.tokenizer())
 
     return nnattr.load(hf, tiny.tokenizer()), server
+
+
+def offline_server(hf: Any, arch: str, repo_id: str, api_key: str) -> tuple[Any, Any]:
+    """``(client model, fixture)``: the client's nnattr model over ``hf`` and a module-scoped pytest fixture
+    (assign it to ``server``) yielding a started `LoopbackNDIF` that serves a copy of it as ``repo_id``
+    (`client_and_server`), with nnsight's client pointed at it, ``repo_id`` known offline, the server's
+    older import whitelist, and nnattr's hosted-model checks forgotten before and after."""
+    from .ndif_loopback import OLD_SERVER_IMPORT_WHITELIST, offline_repo_ids
+
+    client, factory = client_and_server(hf, arch, repo_id)
+
+    @pytest.fixture(scope="module")
+    def server() -> Any:
+        from nnattr import remote
+
+        loop = LoopbackNDIF({repo_id: factory}, api_keys={api_key}, import_whitelist=OLD_SERVER_IMPORT_WHITELIST)
+        with loop, client_config(loop.host, api_key, remote_logging=False, repo_ids=[repo_id]), \
+                offline_repo_ids(repo_id):
+            remote._CHECKED.clear()
+            yield loop
+        remote._CHECKED.clear()
+
+    return client, server
 
 
 def loopback_fixture(
